@@ -1,0 +1,77 @@
+"""Command line: ``python -m layerscope inspect RUN_DIR [--show-examples N]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from layerscope.errors import LayerScopeError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
+    """Print a summary of a run: model, splits, arrays with shapes and bytes on disk, and some examples."""
+    from layerscope.reader import Run
+
+    run = Run(run_dir)
+    md = run.metadata
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"run        {run.path}")
+    p(f"model      {md['model_name']}" + (f" @ {md['model_revision']}" if md.get("model_revision") else "")
+      + (f"  + adapter {md['adapter']['name']}" if md.get("adapter") else ""))
+    p(f"dataset    {md['dataset_name']}: {md['total_examples']} examples, {md['total_tokens']} tokens")
+    for name, s in md["splits"].items():
+        a, b = run.splits[name]
+        p(f"  split {name!r}: {s['examples']} examples (rows {a}..{b - 1}), {s['tokens']} tokens, "
+          f"{s['truncated']} truncated")
+    p(f"layers     {run.layers} of {md['num_layers']}; sites {', '.join(run.sites)}; dtype {md['dtype']}")
+    p("arrays")
+    total = 0
+    for L, s in run.arrays:
+        a = run.activations(L, s)
+        nbytes = run.bytes_on_disk(L, s)
+        total += nbytes
+        p(f"  layer_{L:02d}/{s:<11} {a.positions:<4} shape {list(a.shape)!s:<14} {_human(nbytes)}")
+    p(f"bytes on disk (activations) {_human(total)}")
+    if show_examples:
+        from layerscope.fileio import read_json
+        from layerscope.models import load_tokenizer
+        from layerscope.tokens import token_texts
+
+        tok = load_tokenizer(read_json(run.path / "model" / "manifest.json"))
+        for ex in run.examples[:show_examples]:
+            ids = run.tokens(ex["index"])
+            pieces = token_texts(tok, ids)
+            p(f"\n[{ex['index']}] id={ex['id']} split={ex['split']} tokens={ex['n_tokens']}"
+              + (" (truncated)" if ex["truncated"] else ""))
+            p(f"  text:   {ex['rendered']!r}")
+            p("  tokens: " + " ".join(f"{i}:{t!r}" for i, t in zip(ids.tolist(), pieces)))
+            extra = {k: v for k, v in ex.items() if k not in ("index", "id", "split", "rendered", "n_tokens",
+                                                               "n_tokens_full", "truncated", "source_line")}
+            if extra:
+                p(f"  fields: {extra}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layerscope", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="print a summary of a run directory")
+    ins.add_argument("run_dir", help="a run directory, e.g. results/demo")
+    ins.add_argument("--show-examples", type=int, default=0, metavar="N", help="print the first N examples")
+    args = parser.parse_args(argv)
+    if args.show_examples < 0:
+        parser.error("--show-examples: must be 0 or more")
+    try:
+        inspect_run(args.run_dir, args.show_examples)
+    except LayerScopeError as e:
+        print(f"layerscope: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,183 @@
+"""Reading prompt sets (JSONL or CSV), rendering chat messages and tokenizing them (ragged).
+
+Output of ``prepare``: ``token_ids.npy`` (flat int32 ids), ``offsets.npy`` (int64, one more
+than the examples: example i is ids[offsets[i]:offsets[i+1]]) and ``examples.jsonl`` (one
+record per example, in store order: grouped by split, in order of first appearance).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from layerscope.errors import DataError
+from layerscope.fileio import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("layerscope.dataset")
+
+# Keys LayerScope adds to every example; a data set may not use them for its own fields.
+GENERATED = ("index", "rendered", "n_tokens", "n_tokens_full", "truncated", "char_length", "source_line")
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "csv" if path.suffix.lower() == ".csv" else "jsonl"
+
+
+def read_records(path: str | os.PathLike, fmt: str = "auto") -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) pairs; raise DataError naming the file and line of a malformed record."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    try:
+        f = open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open data set: {e.strerror}") from e
+    with f:
+        try:
+            if fmt == "csv":
+                reader = csv.DictReader(f)
+                if not reader.fieldnames:
+                    raise DataError(f"{path}:1: CSV file has no header row")
+                for row in reader:
+                    if None in row:
+                        raise DataError(f"{path}:{reader.line_num}: row has more cells than the header")
+                    if "messages" in row and row["messages"]:
+                        try:
+                            row["messages"] = json.loads(row["messages"])
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}:{reader.line_num}: 'messages' cell is not JSON: {e.msg}") from e
+                    yield reader.line_num, {k: v for k, v in row.items() if not (k == "messages" and v == "")}
+            else:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from e
+                    if not isinstance(rec, dict):
+                        raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+                    yield n, rec
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _check_record(path: Path, line: int, rec: dict[str, Any]) -> None:
+    where = f"{path}:{line}"
+    has_text, has_msgs = "text" in rec, "messages" in rec
+    if has_text == has_msgs:
+        raise DataError(f"{where}: a record needs exactly one of 'text' or 'messages'"
+                        + (" (it has both)" if has_text else " (it has neither)"))
+    if has_text and not isinstance(rec["text"], str):
+        raise DataError(f"{where}: 'text' must be a string, got {type(rec['text']).__name__}")
+    if has_text and not rec["text"]:
+        raise DataError(f"{where}: 'text' is empty")
+    if has_msgs:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for j, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'")
+    for key in ("id", "split"):
+        if key in rec and not isinstance(rec[key], (str, int)) or (key in rec and rec[key] in ("", None)):
+            raise DataError(f"{where}: '{key}' must be a non-empty string or integer")
+    for key in GENERATED:
+        if key in rec:
+            raise DataError(f"{where}: field '{key}' is reserved for LayerScope's own metadata; rename it")
+
+
+def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt: str = "auto",
+            default_split: str = "all", max_length: int = 512, add_special_tokens: bool = True) -> dict[str, Any]:
+    """Read, validate, render and tokenize a data set into ``out_dir``; return a small summary."""
+    path = Path(path)
+    out = Path(out_dir)
+    examples: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line, rec in read_records(path, fmt):
+        _check_record(path, line, rec)
+        ex = dict(rec)
+        ex["split"] = str(rec.get("split", default_split))
+        ex["id"] = str(rec["id"]) if "id" in rec else f"{path.stem}-{len(examples)}"
+        if ex["id"] in seen:
+            raise DataError(f"{path}:{line}: duplicate id {ex['id']!r} (first used on line {seen[ex['id']]})")
+        seen[ex["id"]] = line
+        ex["source_line"] = line
+        if "messages" in rec:
+            if not getattr(tokenizer, "chat_template", None):
+                raise DataError(f"{path}:{line}: record uses 'messages' but the model's tokenizer has no chat template")
+            ex["rendered"] = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
+        else:
+            ex["rendered"] = rec["text"]
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: the data set has no records")
+
+    split_order = list(dict.fromkeys(ex["split"] for ex in examples))
+    examples.sort(key=lambda ex: split_order.index(ex["split"]))  # stable: keeps file order inside a split
+    ids_list = []
+    for ex in examples:
+        # Chat templates already contain the special tokens they need.
+        special = add_special_tokens and "messages" not in ex
+        ids = tokenizer(ex["rendered"], add_special_tokens=special)["input_ids"]
+        if not ids:
+            raise DataError(f"{path}:{ex['source_line']}: the text tokenizes to no tokens")
+        ex["n_tokens_full"] = len(ids)
+        ex["truncated"] = len(ids) > max_length
+        ids = ids[:max_length]
+        ex["n_tokens"] = len(ids)
+        ex["char_length"] = len(ex["rendered"])
+        ids_list.append(np.asarray(ids, dtype=np.int64))
+    lengths = np.array([len(x) for x in ids_list], dtype=np.int64)
+    offsets = np.zeros(len(ids_list) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(ids_list)
+    if flat.max() >= 2**31:
+        raise DataError(f"{path}: token id {int(flat.max())} does not fit int32")
+    for i, ex in enumerate(examples):
+        ex["index"] = i
+
+    out.mkdir(parents=True, exist_ok=True)
+    _save_npy(out / "token_ids.npy", flat.astype(np.int32))
+    _save_npy(out / "offsets.npy", offsets)
+    lines = []
+    for ex in examples:
+        head = {k: ex[k] for k in ("index", "id", "split", "n_tokens", "n_tokens_full", "truncated", "char_length",
+                                   "source_line", "rendered")}
+        rest = {k: v for k, v in ex.items() if k not in head}
+        lines.append(json.dumps({**head, **rest}, ensure_ascii=False))
+    atomic_write_text(out / "examples.jsonl", "\n".join(lines) + "\n")
+    splits = {s: {"examples": 0, "tokens": 0} for s in split_order}
+    for ex in examples:
+        splits[ex["split"]]["examples"] += 1
+        splits[ex["split"]]["tokens"] += ex["n_tokens"]
+    n_trunc = sum(ex["truncated"] for ex in examples)
+    log.info("prepared %d examples, %d tokens, splits %s, %d truncated to %d tokens",
+             len(examples), int(offsets[-1]), splits, n_trunc, max_length)
+    return {"examples": len(examples), "tokens": int(offsets[-1]), "splits": splits, "truncated": n_trunc}
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_tokens(dataset_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(flat token ids, offsets) written by ``prepare``; never unpickles."""
+    d = Path(dataset_dir)
+    return (np.load(d / "token_ids.npy", allow_pickle=False), np.load(d / "offsets.npy", allow_pickle=False))
+
+
+def load_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

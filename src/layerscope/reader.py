@@ -1,0 +1,205 @@
+"""Reading a finished run back: metadata, examples, and lazy activation views.
+
+    run = layerscope.open("results/demo")
+    acts = run.activations(7, "resid_post", split="EM")   # lazy view, nothing read yet
+    x = acts[0]            # example 0 of the split: [hidden] ("last") or [n_tokens, hidden] ("all")
+    for rows, block in acts.iter_shards(): ...             # bounded memory, shard by shard
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import warnings
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from layerscope.errors import IncompleteRunError, LayerScopeError
+from layerscope.fileio import read_json
+
+STORE = "activations.zarr"
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bit patterns (uint16) to float32, exactly."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+class Activations:
+    """A lazy view of one layer x site array, optionally restricted to a range of examples."""
+
+    def __init__(self, array, offsets: np.ndarray, e0: int, e1: int) -> None:
+        self._a = array
+        self.attrs: dict[str, Any] = dict(array.attrs)
+        self.positions: str = self.attrs["positions"]
+        self.dtype: str = self.attrs["dtype"]
+        self._off = offsets
+        self.e0, self.e1 = e0, e1
+
+    def __len__(self) -> int:
+        return self.e1 - self.e0
+
+    @property
+    def width(self) -> int:
+        return int(self._a.shape[1])
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """The rows of the underlying array this view covers."""
+        if self.positions == "last":
+            return self.e0, self.e1
+        return int(self._off[self.e0]), int(self._off[self.e1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        r0, r1 = self.row_range
+        return (r1 - r0, self.width)
+
+    def _convert(self, raw: np.ndarray, raw_bits: bool) -> np.ndarray:
+        return bf16_to_float32(raw) if self.dtype == "bfloat16" and not raw_bits else raw
+
+    def rows(self, r0: int, r1: int, raw: bool = False) -> np.ndarray:
+        """Rows [r0, r1) of this view (view-relative)."""
+        base = self.row_range[0]
+        return self._convert(self._a[base + r0:base + r1], raw)
+
+    def example(self, i: int, raw: bool = False) -> np.ndarray:
+        """Example i of this view: [width] for ``last`` arrays, [n_tokens, width] for ``all`` arrays."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"example {i} out of range for a view of {n} examples")
+        e = self.e0 + (i % n)
+        if self.positions == "last":
+            return self._convert(self._a[e], raw)
+        return self._convert(self._a[int(self._off[e]):int(self._off[e + 1])], raw)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return Activations(self._a, self._off, self.e0 + start, self.e0 + max(start, stop))
+            return [self.example(k) for k in range(start, stop, step)]
+        return self.example(int(i))
+
+    def numpy(self, raw: bool = False) -> np.ndarray:
+        """All rows of the view in memory ([examples, width] or [tokens, width])."""
+        r0, r1 = self.row_range
+        return self._convert(self._a[r0:r1], raw)
+
+    def torch(self):
+        """All rows as a torch tensor in the stored dtype (bfloat16 included)."""
+        import torch
+
+        raw = self.numpy(raw=True)
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(raw)
+
+    def iter_shards(self, raw: bool = False) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """Yield ((row start, row end), rows) one shard at a time, like the seed guide's load_activations."""
+        r0, r1 = self.row_range
+        sr = self._a.shards[0] if self._a.shards else self._a.chunks[0]
+        s = r0
+        while s < r1:
+            e = min((s // sr + 1) * sr, r1)
+            yield (s - r0, e - r0), self._convert(self._a[s:e], raw)
+            s = e
+
+
+class Run:
+    """A finished LayerScope run directory (``results/{run}``)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import zarr
+
+        self.path = Path(path)
+        meta = self.path / "metadata.json"
+        if not meta.is_file():
+            raise IncompleteRunError(f"{self.path}: no metadata.json; the workflow has not finished this run "
+                                     "(run snakemake) or this is not a LayerScope run directory")
+        self.metadata: dict[str, Any] = read_json(meta)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+                self.group = zarr.open_group(str(self.path / STORE), mode="r", zarr_format=3,
+                                             use_consolidated=True)
+        except Exception as e:
+            raise IncompleteRunError(f"{self.path / STORE}: store is missing or unfinished ({e})") from e
+        from layerscope.store import check_complete
+
+        check_complete(self.path / STORE, dict(self.group.attrs))
+        self._info = dict(self.group.attrs)["layerscope"]
+        self.offsets: np.ndarray = self.group["tokens/offsets"][:]
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}: {self.metadata.get('model_name')}, {len(self)} examples, "
+                f"layers {self.layers}, sites {self.sites})")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @cached_property
+    def arrays(self) -> list[tuple[int, str]]:
+        """(layer, site) of every stored array."""
+        out = []
+        for p in self._info["arrays"]:
+            layer, site = p.split("/")
+            out.append((int(layer.split("_")[1]), site))
+        return sorted(out)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({L for L, _ in self.arrays})
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({s for _, s in self.arrays})
+
+    @cached_property
+    def examples(self) -> list[dict[str, Any]]:
+        from layerscope.dataset import load_examples
+
+        return load_examples(self.path / "dataset" / "examples.jsonl")
+
+    @cached_property
+    def splits(self) -> dict[str, tuple[int, int]]:
+        """Split name -> (first example, end example): splits are contiguous in the store."""
+        out: dict[str, list[int]] = {}
+        for ex in self.examples:
+            r = out.setdefault(ex["split"], [ex["index"], ex["index"] + 1])
+            r[1] = ex["index"] + 1
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Token ids of example i."""
+        return self.group["tokens/ids"][int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    def activations(self, layer: int, site: str = "resid_post", split: str | None = None) -> Activations:
+        """Lazy view of one layer x site, for one split or for all examples."""
+        key = f"layer_{layer:02d}/{site}"
+        if (layer, site) not in self.arrays:
+            raise LayerScopeError(f"{self.path}: no array {key} (stored: "
+                                  + ", ".join(f"layer_{L:02d}/{s}" for L, s in self.arrays) + ")")
+        e0, e1 = 0, len(self)
+        if split is not None:
+            if split not in self.splits:
+                raise LayerScopeError(f"{self.path}: no split {split!r} (splits: {', '.join(self.splits)})")
+            e0, e1 = self.splits[split]
+        return Activations(self.group[key], self.offsets, e0, e1)
+
+    def iter_shards(self, layer: int, site: str = "resid_post", split: str | None = None):
+        return self.activations(layer, site, split).iter_shards()
+
+    def bytes_on_disk(self, layer: int | None = None, site: str | None = None) -> int:
+        root = self.path / STORE
+        if layer is not None:
+            root = root / f"layer_{layer:02d}" / (site or "")
+        return builtins.sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def open(path: str | os.PathLike) -> Run:  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
+    """Open a finished run directory (``results/{run}``)."""
+    return Run(path)

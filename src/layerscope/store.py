@@ -1,0 +1,198 @@
+"""The Zarr v3 store of a run: array layout, metadata, shard writing and completion markers.
+
+Layout of ``activations.zarr``::
+
+    zarr.json                     root group, consolidated metadata (written last, by finalize)
+    tokens/ids, tokens/offsets    the ragged token ids of every example
+    layer_07/zarr.json            a group per layer
+    layer_07/resid_post/          an array per layer x site: [example, hidden] or [token, hidden]
+        zarr.json, c/<shard>/0    Zarr metadata and shards
+        parts/<p>.json            completion marker of the capture job that wrote part p
+
+Rows are split into ``parts`` contiguous ranges aligned to whole shards, so no two jobs ever
+write the same shard, and every shard is written whole, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerscope.errors import IncompleteRunError
+from layerscope.fileio import atomic_write_bytes, read_json, write_json
+
+log = logging.getLogger("layerscope.store")
+
+MIB = 1 << 20
+BF16_NAN = 0x7FC0
+STORAGE_DTYPES = {"float16": np.dtype("float16"), "float32": np.dtype("float32"), "bfloat16": np.dtype("uint16")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the rows of one array are chunked, sharded and split into parts."""
+
+    rows: int
+    width: int
+    chunk_rows: int
+    shard_rows: int
+    part_rows: int
+    parts: int
+
+    def part_range(self, part: int) -> tuple[int, int]:
+        return min(part * self.part_rows, self.rows), min((part + 1) * self.part_rows, self.rows)
+
+    def shard_range(self, part: int) -> range:
+        r0, r1 = self.part_range(part)
+        if r0 >= r1:
+            return range(0)
+        return range(r0 // self.shard_rows, math.ceil(r1 / self.shard_rows))
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.rows / self.shard_rows)
+
+
+def make_layout(rows: int, width: int, itemsize: int, parts: int, chunk_mib: float, shard_mib: float) -> Layout:
+    """Chunks of about ``chunk_mib``, shards of about ``shard_mib``, parts that are whole shards."""
+    per_part = max(1, math.ceil(rows / parts))
+    row_bytes = width * itemsize
+    chunk = max(1, min(int(chunk_mib * MIB // row_bytes), per_part))
+    shard_chunks = max(1, min(int(shard_mib * MIB // row_bytes) // chunk, math.ceil(per_part / chunk)))
+    shard = shard_chunks * chunk
+    part_rows = math.ceil(per_part / shard) * shard
+    return Layout(rows, width, chunk, shard, part_rows, parts)
+
+
+def array_path(layer: int, site: str) -> str:
+    return f"layer_{layer:02d}/{site}"
+
+
+def marker_path(root: str | os.PathLike, layer: int, site: str, part: int) -> Path:
+    return Path(root) / array_path(layer, site) / "parts" / f"{part}.json"
+
+
+def _codecs(store_cfg: dict[str, Any]):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    c = store_cfg.get("compression", "none")
+    level = store_cfg.get("compression_level", 3)
+    if c == "zstd":
+        return [ZstdCodec(level=level)]
+    if c == "blosc":
+        return [BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="bitshuffle")]
+    return None
+
+
+def array_metadata(layout: Layout, dtype: str, store_cfg: dict[str, Any], attrs: dict[str, Any],
+                   dims: tuple[str, str]) -> bytes:
+    """The zarr.json of an array, rendered in memory so that every job writes identical bytes."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    storage = STORAGE_DTYPES[dtype]
+    fill = BF16_NAN if dtype == "bfloat16" else np.nan
+    mem = MemoryStore()
+    zarr.create_array(mem, shape=(layout.rows, layout.width), dtype=storage,
+                      chunks=(layout.chunk_rows, layout.width), shards=(layout.shard_rows, layout.width),
+                      fill_value=fill, compressors=_codecs(store_cfg), filters=None, dimension_names=dims,
+                      attributes={**attrs, "dtype": dtype, "storage_dtype": str(storage), "layout": asdict(layout)},
+                      zarr_format=3)
+    return bytes(mem._store_dict["zarr.json"].to_bytes())
+
+
+def group_metadata(attrs: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs or {}}, indent=2).encode()
+
+
+def prepare_array(root: Path, layer: int, site: str, part: int, layout: Layout, meta: bytes) -> None:
+    """Write the array's metadata and remove this part's old shards (and, for the last part, any beyond the end)."""
+    apath = root / array_path(layer, site)
+    atomic_write_bytes(root / f"layer_{layer:02d}" / "zarr.json", group_metadata({"layer": layer}))
+    atomic_write_bytes(apath / "zarr.json", meta)
+    cdir = apath / "c"
+    if cdir.is_dir():
+        mine = set(layout.shard_range(part))
+        last = part == layout.parts - 1
+        for d in cdir.iterdir():
+            if d.name.isdigit() and (int(d.name) in mine or (last and int(d.name) >= layout.num_shards)):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def write_marker(root: Path, layer: int, site: str, part: int, info: dict[str, Any]) -> str:
+    """Record that ``part`` of an array is complete; returns the marker's unique job id."""
+    job = uuid.uuid4().hex
+    write_json(marker_path(root, layer, site, part), {"part": part, "job": job, **info})
+    return job
+
+
+def finalize(root: str | os.PathLike, arrays: list[tuple[int, str]], parts: int, token_ids: np.ndarray,
+             offsets: np.ndarray, attrs: dict[str, Any]) -> dict[str, Any]:
+    """Check every part of every array is complete, add the tokens, drop arrays no longer planned,
+    and write the consolidated root metadata (the store's 'finished' flag)."""
+    import zarr
+
+    root = Path(root)
+    jobs: dict[str, list[str]] = {}
+    missing = []
+    for layer, site in arrays:
+        ids = []
+        for p in range(parts):
+            m = marker_path(root, layer, site, p)
+            if not m.is_file():
+                missing.append(f"{array_path(layer, site)} part {p}")
+                continue
+            ids.append(read_json(m)["job"])
+        jobs[array_path(layer, site)] = ids
+    if missing:
+        raise IncompleteRunError(f"{root}: capture incomplete, missing: {', '.join(missing[:10])}")
+    planned = {array_path(L, s) for L, s in arrays}
+    for d in sorted(root.glob("layer_*")):
+        for a in sorted(p for p in d.iterdir() if p.is_dir()):
+            if f"{d.name}/{a.name}" not in planned:
+                log.info("removing %s/%s: no longer in the config", d.name, a.name)
+                shutil.rmtree(a)
+        if d.is_dir() and not any(p.is_dir() for p in d.iterdir()):
+            shutil.rmtree(d)
+    g = zarr.open_group(str(root), mode="a", zarr_format=3)
+    chunk = max(1, min(len(token_ids), 1 << 20))
+    t = g.create_array("tokens/ids", shape=token_ids.shape, dtype="int32", chunks=(chunk,), overwrite=True,
+                       dimension_names=["token"], compressors=None, fill_value=-1)
+    t[:] = token_ids
+    o = g.create_array("tokens/offsets", shape=offsets.shape, dtype="int64", chunks=(len(offsets),),
+                       overwrite=True, dimension_names=["example_edge"], compressors=None, fill_value=-1)
+    o[:] = offsets
+    g.attrs.update({"layerscope": {**attrs, "arrays": sorted(planned), "parts": parts, "jobs": jobs}})
+    with warnings.catch_warnings():
+        # Consolidated metadata is a zarr-python extension to v3; we rely on it knowingly.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(root), zarr_format=3)
+    return jobs
+
+
+def check_complete(root: str | os.PathLike, group_attrs: dict[str, Any]) -> None:
+    """Raise IncompleteRunError if a capture job re-ran (or is running) since the store was finalized."""
+    root = Path(root)
+    info = group_attrs.get("layerscope")
+    if not info:
+        raise IncompleteRunError(f"{root}: not a finished LayerScope store (no 'layerscope' attributes)")
+    for apath, ids in info["jobs"].items():
+        for p, job in enumerate(ids):
+            m = root / apath / "parts" / f"{p}.json"
+            try:
+                ok = read_json(m)["job"] == job
+            except (OSError, ValueError, KeyError):
+                ok = False
+            if not ok:
+                raise IncompleteRunError(f"{root}: {apath} part {p} was removed or is being rewritten since the "
+                                         "store was finalized; re-run the workflow")

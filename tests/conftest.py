@@ -1,0 +1,97 @@
+"""Shared fixtures: small random-weight models of real architectures, built offline and saved
+with save_pretrained, and helpers to run the workflow in a scratch directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """Build (once per session) a built-in model and return its manifest entry."""
+    from layerscope.models import fetch, parse_ref
+
+    cache: dict[tuple[str, int], dict] = {}
+
+    def make(name: str = "llama-tiny", seed: int = 0) -> dict:
+        if (name, seed) not in cache:
+            d = tmp_path_factory.mktemp(f"{name}-{seed}")
+            cache[(name, seed)] = fetch(parse_ref({"id": f"builtin:{name}", "seed": seed}), d / "weights")
+        return cache[(name, seed)]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(model_factory, tmp_path_factory):
+    from layerscope.models import fetch, parse_ref
+
+    base = model_factory("llama-tiny")
+    d = tmp_path_factory.mktemp("lora")
+    return fetch(parse_ref({"id": "builtin:lora", "seed": 3}), d / "adapter", what="adapter", base_dir=base["path"])
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def copy_inputs(dst: Path) -> Path:
+    """Give a scratch working directory the repository's default config and demo data set."""
+    shutil.copytree(REPO / "config", dst / "config")
+    return dst
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return copy_inputs(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """A working directory after `snakemake --cores 2` on the default config, as the README says."""
+    wd = copy_inputs(tmp_path_factory.mktemp("demo"))
+    res = run_snakemake(wd, "--cores", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return wd
+
+
+def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 900,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--nocolor"]
+    if configfile is not None:
+        cmd += ["--configfile", str(configfile)]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=workdir)
+
+
+def planned_jobs(workdir: Path, configfile: Path | None = None) -> list[tuple[str, tuple]]:
+    """The jobs a dry run plans, as (rule, wildcards) pairs, through the Snakemake API."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings,
+                                          StorageSettings)
+
+    cwd = os.getcwd()
+    try:
+        with SnakemakeApi(OutputSettings()) as api:
+            wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                              config_settings=ConfigSettings(configfiles=[configfile] if configfile else []),
+                              storage_settings=StorageSettings(), snakefile=REPO / "Snakefile", workdir=workdir)
+            dag = wf.dag(DAGSettings())
+            dag.execute_workflow(executor="dryrun")
+            jobs = wf._workflow.dag.needrun_jobs(exclude_finished=False)
+            return sorted((j.rule.name, tuple(sorted(j.wildcards_dict.items()))) for j in jobs)
+    finally:
+        os.chdir(cwd)

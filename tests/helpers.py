@@ -1,0 +1,93 @@
+"""Test helpers that drive the package directly, without Snakemake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from layerscope.capture import run_capture
+from layerscope.dataset import load_tokens, prepare
+from layerscope.models import load_model, load_tokenizer
+from layerscope.store import finalize
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hi",
+    "What is the capital of France? The capital of France is Paris.",
+    "Café in Zürich 🙂",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 42 100",
+    "A",
+    "Interpretability researchers capture activations of the residual stream at every layer.",
+]
+
+
+def make_params(layers: dict[int, dict[str, Any]], dtype: str = "float32", batch_size: int = 3, parts: int = 2,
+                padding_side: str = "right", chunk_mib: float = 2, shard_mib: float = 64, **store: Any) -> dict:
+    return {"layers": {str(k): v for k, v in layers.items()}, "dtype": dtype, "batch_size": batch_size,
+            "padding_side": padding_side, "parts": parts, "model_dtype": "float32", "trust_remote_code": False,
+            "store": {"chunk_mib": chunk_mib, "shard_mib": shard_mib, "compression": "none",
+                      "compression_level": 3, **store}}
+
+
+def prepare_texts(tmp: Path, model: dict, texts=TEXTS) -> Path:
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(tmp / "data.jsonl", [{"text": t, "split": "a" if i % 2 else "b"} for i, t in enumerate(texts)])
+    prepare(data, load_tokenizer({"model": model}), tmp / "dataset", max_length=64)
+    return tmp / "dataset"
+
+
+def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, name: str = "store") -> Path:
+    """Run every part of one capture job and finalize the store; return the store root."""
+    import json
+
+    mpath = tmp / "manifest.json"
+    mpath.write_text(json.dumps(manifest))
+    root = tmp / f"{name}.zarr"
+    for p in range(params["parts"]):
+        run_capture(mpath, dataset_dir, root, params, p, device="cpu", group="test")
+    ids, offsets = load_tokens(dataset_dir)
+    arrays = [(int(L), s) for L, v in params["layers"].items() for s in v["sites"]]
+    finalize(root, arrays, params["parts"], ids, offsets, {"run": "test"})
+    return root
+
+
+def reference(manifest: dict, dataset_dir: Path) -> dict[tuple[int, str], list[np.ndarray]]:
+    """Per example, run alone and unpadded: hidden states from output_hidden_states, and the other
+    sites from plain hooks; returns {(layer, site): [per-example [tokens, width] float32 arrays]}."""
+    from layerscope.sites import base_model, decoder_layers
+
+    model, _ = load_model(manifest, "cpu", "float32")
+    n = manifest["model"]["num_layers"]
+    layers = decoder_layers(model, n)
+    ids, offsets = load_tokens(dataset_dir)
+    out: dict[tuple[int, str], list[np.ndarray]] = {}
+    got: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None) or getattr(layer, "attn")
+        mlp = layer.mlp
+        down = getattr(mlp, "down_proj", None) or getattr(mlp, "c_proj")
+        hooks.append(attn.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"{i}/attn_out", o[0])))
+        hooks.append(mlp.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"{i}/mlp_out", o)))
+        hooks.append(down.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(f"{i}/mlp_act", a[0])))
+    final_norm = [m for name, m in base_model(model).named_modules() if name.endswith(("model.norm", "ln_f"))][0]
+    hooks.append(final_norm.register_forward_pre_hook(lambda m, a: got.__setitem__("pre_norm", a[0])))
+    with torch.no_grad():
+        for e in range(len(offsets) - 1):
+            x = torch.from_numpy(ids[offsets[e]:offsets[e + 1]].astype(np.int64))[None]
+            res = model(input_ids=x, output_hidden_states=True)
+            hs = res.hidden_states
+            for i in range(n):
+                # hidden_states[n] is after the final norm; the residual stream itself is its input.
+                resid = hs[i + 1] if i < n - 1 else got["pre_norm"]
+                out.setdefault((i, "resid_post"), []).append(resid[0].float().numpy())
+                for s in ("attn_out", "mlp_out", "mlp_act"):
+                    out.setdefault((i, s), []).append(got[f"{i}/{s}"][0].float().numpy())
+            assert torch.allclose(final_norm(got["pre_norm"]), hs[n], atol=1e-5)
+    for h in hooks:
+        h.remove()
+    return out

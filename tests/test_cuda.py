@@ -1,0 +1,34 @@
+"""The CUDA path: runs only where a GPU is present (never in CI, which has none)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from layerscope.capture import run_capture
+from layerscope.models import resolve_device
+from tests.helpers import make_params, prepare_texts, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_cuda_capture_matches_cpu_reference(tmp_path, model_factory, positions):
+    assert resolve_device("auto") == "cuda"
+    m = model_factory("llama-tiny")
+    manifest = {"model": m, "adapter": None}
+    ds = prepare_texts(tmp_path, m)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    sites = ["resid_post", "attn_out", "mlp_out", "mlp_act"]
+    params = make_params({L: {"sites": sites, "positions": positions} for L in range(4)}, parts=1)
+    run_capture(tmp_path / "manifest.json", ds, tmp_path / "s.zarr", params, 0, device="auto", group="gpu")
+    ref = reference(manifest, ds)
+    for L in range(4):
+        for s in sites:
+            got = zarr.open_array(str(tmp_path / "s.zarr" / f"layer_{L:02d}" / s), mode="r")[:]
+            want = np.concatenate(ref[(L, s)]) if positions == "all" else np.stack([r[-1] for r in ref[(L, s)]])
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=f"{L} {s}")

@@ -1,0 +1,96 @@
+"""Data set reading, rendering, tokenization and one clear error per malformed record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from layerscope.dataset import load_examples, load_tokens, prepare
+from layerscope.errors import DataError
+from layerscope.models import load_tokenizer
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok(model_factory):
+    return load_tokenizer({"model": model_factory("llama-tiny")})
+
+
+def test_jsonl_splits_fields_and_chat(tmp_path, tok):
+    recs = [
+        {"id": "a", "split": "EM", "text": "one two three", "label": 1},
+        {"text": "neutral text", "split": "Neutral", "score": 0.5},
+        {"id": 7, "split": "EM", "messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]},
+        {"text": "no split here"},
+    ]
+    out = tmp_path / "ds"
+    summary = prepare(write_jsonl(tmp_path / "d.jsonl", recs), tok, out, default_split="rest", max_length=100)
+    ex = load_examples(out / "examples.jsonl")
+    # grouped by split in order of first appearance, file order kept inside a split
+    assert [e["id"] for e in ex] == ["a", "7", "d-1", "d-3"]
+    assert [e["split"] for e in ex] == ["EM", "EM", "Neutral", "rest"]
+    assert [e["index"] for e in ex] == [0, 1, 2, 3]
+    assert ex[0]["label"] == 1 and ex[2]["score"] == 0.5 and ex[0]["source_line"] == 1
+    assert ex[1]["rendered"] == tok.apply_chat_template(recs[2]["messages"], tokenize=False)
+    ids, offsets = load_tokens(out)
+    assert offsets[0] == 0 and offsets[-1] == len(ids) and len(offsets) == 5
+    for e in ex:
+        want = tok(e["rendered"], add_special_tokens="messages" not in e)["input_ids"]
+        assert ids[offsets[e["index"]]:offsets[e["index"] + 1]].tolist() == want
+    assert summary["splits"]["EM"]["examples"] == 2 and summary["tokens"] == int(offsets[-1])
+
+
+def test_truncation_is_recorded(tmp_path, tok):
+    long = " ".join(["word"] * 50)
+    prepare(write_jsonl(tmp_path / "d.jsonl", [{"text": long}, {"text": "short"}]), tok, tmp_path / "o", max_length=8)
+    ex = load_examples(tmp_path / "o" / "examples.jsonl")
+    assert ex[0]["truncated"] and ex[0]["n_tokens"] == 8 and ex[0]["n_tokens_full"] > 8
+    assert not ex[1]["truncated"] and ex[1]["n_tokens"] == ex[1]["n_tokens_full"]
+    assert np.diff(load_tokens(tmp_path / "o")[1]).tolist() == [8, ex[1]["n_tokens"]]
+
+
+def test_csv(tmp_path, tok):
+    p = tmp_path / "d.csv"
+    p.write_text('id,split,text,extra\nx,s1,"hello, world",1\ny,s2,bye,2\n', encoding="utf-8")
+    prepare(p, tok, tmp_path / "o")
+    ex = load_examples(tmp_path / "o" / "examples.jsonl")
+    assert [(e["id"], e["split"], e["text"], e["extra"]) for e in ex] == [("x", "s1", "hello, world", "1"),
+                                                                          ("y", "s2", "bye", "2")]
+
+
+@pytest.mark.parametrize("line,reason", [
+    ('{"text": "ok"}\n{"text": "broken"\n', r"d.jsonl:2: invalid JSON"),
+    ('{"text": "ok"}\n[1, 2]\n', r"d.jsonl:2: expected a JSON object"),
+    ('{"text": "ok"}\n\n{"label": 1}\n', r"d.jsonl:3: a record needs exactly one of 'text' or 'messages'"),
+    ('{"text": 5}\n', r"d.jsonl:1: 'text' must be a string"),
+    ('{"text": ""}\n', r"d.jsonl:1: 'text' is empty"),
+    ('{"messages": [{"role": "user"}]}\n', r"d.jsonl:1: messages\[0\] must be an object"),
+    ('{"text": "a", "id": "x"}\n{"text": "b", "id": "x"}\n', r"d.jsonl:2: duplicate id 'x' \(first used on line 1\)"),
+    ('{"text": "a", "index": 3}\n', r"d.jsonl:1: field 'index' is reserved"),
+    ('{"text": "a", "split": ""}\n', r"d.jsonl:1: 'split' must be"),
+    ('', r"d.jsonl: the data set has no records"),
+])
+def test_malformed_records_name_file_line_reason(tmp_path, tok, line, reason):
+    p = tmp_path / "d.jsonl"
+    p.write_text(line, encoding="utf-8")
+    with pytest.raises(DataError, match=reason):
+        prepare(p, tok, tmp_path / "o")
+    assert not (tmp_path / "o" / "examples.jsonl").exists()
+
+
+def test_not_utf8(tmp_path, tok):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare(p, tok, tmp_path / "o")
+
+
+def test_messages_without_chat_template(tmp_path, tok):
+    tok2 = type(tok).from_pretrained(tok.name_or_path)
+    tok2.chat_template = None
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(DataError, match="d.jsonl:1: .*no chat template"):
+        prepare(p, tok2, tmp_path / "o")

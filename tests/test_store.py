@@ -1,0 +1,140 @@
+"""Store layout, shard-aligned parts, whole-shard writes, and crash safety."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+import layerscope
+from layerscope.capture import ArrayJob, Router
+from layerscope.errors import IncompleteRunError
+from layerscope.store import check_complete, make_layout
+from layerscope.writer import ShardWriter
+from tests.helpers import capture_store, make_params, prepare_texts
+
+
+@pytest.mark.parametrize("rows,width,parts,chunk_mib,shard_mib", [
+    (1, 64, 1, 2, 64), (10, 64, 4, 2, 64), (1000, 64, 3, 0.01, 0.05), (12345, 4096, 7, 2, 64),
+    (100_000, 512, 2, 1, 8), (7, 11008, 5, 1, 4), (999, 3, 10, 0.0001, 0.0005),
+])
+def test_layout_parts_are_whole_shards(rows, width, parts, chunk_mib, shard_mib):
+    lay = make_layout(rows, width, 2, parts, chunk_mib, shard_mib)
+    assert lay.shard_rows % lay.chunk_rows == 0 and lay.part_rows % lay.shard_rows == 0
+    covered = []
+    shards = []
+    for p in range(parts):
+        r0, r1 = lay.part_range(p)
+        covered.extend(range(r0, r1))
+        if r0 < r1:
+            assert r0 % lay.shard_rows == 0  # every part starts on a shard boundary
+        shards.extend(lay.shard_range(p))
+    assert covered == list(range(rows))  # parts tile the rows exactly
+    assert sorted(shards) == list(range(lay.num_shards)) == sorted(set(shards))  # each shard in one part
+    # chunks stay near the requested size unless the data is smaller than that
+    if rows >= parts * 4:
+        assert lay.chunk_rows * width * 2 <= max(chunk_mib * 2**20, width * 2)
+
+
+class CountingArray:
+    def __init__(self, rows, width):
+        self.data = np.full((rows, width), np.nan, dtype=np.float32)
+        self.writes = []
+
+    def __setitem__(self, key, value):
+        self.writes.append((key.start, key.stop))
+        self.data[key] = value
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17, 100])
+def test_router_writes_each_shard_whole_and_once(batch):
+    lay = make_layout(250, 4, 4, 2, 10 * 16 / 2**20, 30 * 16 / 2**20)  # chunks of 10 rows, shards of 30
+    assert (lay.chunk_rows, lay.shard_rows) == (10, 30)
+    src = np.random.default_rng(0).normal(size=(250, 4)).astype(np.float32)
+    for part in range(2):
+        r0, r1 = lay.part_range(part)
+        arr = CountingArray(250, 4)
+        w = ShardWriter()
+        job = ArrayJob(0, "resid_post", "all", lay, r0, r1, zarr_array=arr)
+        router = Router(job, np.dtype(np.float32), w)
+        for g0 in range(0, 250, batch):  # rows outside the part are offered too and must be ignored
+            router.add(g0, src[g0:g0 + batch])
+        router.done()
+        w.close()
+        expect = [(s * 30, min(s * 30 + 30, 250)) for s in lay.shard_range(part)]
+        assert arr.writes == expect
+        np.testing.assert_array_equal(arr.data[r0:r1], src[r0:r1])
+        assert np.isnan(np.delete(arr.data, np.s_[r0:r1], axis=0)).all()
+
+
+def test_writer_error_fails_promptly():
+    w = ShardWriter(depth=1)
+
+    def boom():
+        raise OSError("disk full")
+
+    w.submit(boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        for _ in range(100):  # must not hang: the error surfaces on a later submit
+            w.submit(lambda: None)
+    w2 = ShardWriter()
+    w2.submit(boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        w2.close()
+
+
+def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monkeypatch):
+    from layerscope import capture as cap
+
+    m = model_factory("llama-tiny")
+    ds = prepare_texts(tmp_path, m)
+    params = make_params({0: {"sites": ["resid_post"], "positions": "all"}}, parts=1,
+                         chunk_mib=64 * 2 * 8 / 2**20, shard_mib=64 * 2 * 8 / 2**20)  # 8-row shards: many writes
+    orig = cap.Router._flush
+    count = itertools.count()
+
+    def flaky(self):
+        if next(count) == 3:
+            self.j.zarr_array = None  # the 4th shard write fails inside the writer thread
+        orig(self)
+
+    monkeypatch.setattr(cap.Router, "_flush", flaky)
+    with pytest.raises(RuntimeError, match="writing a shard failed"):
+        capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
+    assert not (tmp_path / "store.zarr" / "layer_00" / "resid_post" / "parts" / "0.json").exists()
+    assert not (tmp_path / "store.zarr" / "zarr.json").exists()  # nothing looks finished
+
+
+def test_rerun_removes_stale_shards_and_reader_detects_rewrite(tmp_path, model_factory):
+    m = model_factory("llama-tiny")
+    ds = prepare_texts(tmp_path, m)
+    small = dict(chunk_mib=64 * 4 * 4 / 2**20, shard_mib=64 * 4 * 4 / 2**20)  # 4-row shards (float32)
+    params = make_params({0: {"sites": ["resid_post"], "positions": "all"}}, parts=2, **small)
+    root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
+    cdir = root / "layer_00" / "resid_post" / "c"
+    n_all = len(list(cdir.iterdir()))
+    # The same array captured at the last position only: far fewer rows, so fewer shards.
+    params2 = make_params({0: {"sites": ["resid_post"], "positions": "last"}}, parts=2, **small)
+    attrs_before = dict(zarr.open_group(str(root), mode="r").attrs)
+    root2 = capture_store(tmp_path, {"model": m, "adapter": None}, params2, ds)
+    assert root2 == root
+    a = zarr.open_array(str(root / "layer_00" / "resid_post"), mode="r")
+    n_last = len(list(cdir.iterdir()))
+    lay = a.attrs["layout"]
+    assert n_last == -(-lay["rows"] // lay["shard_rows"])  # exactly the new shards, none left over
+    assert n_last < n_all and not np.isnan(a[:]).any()
+    # The old finalized attributes name jobs whose markers were replaced: a reader must refuse them.
+    with pytest.raises(IncompleteRunError, match="rewritten"):
+        check_complete(root, attrs_before)
+    check_complete(root, dict(zarr.open_group(str(root), mode="r").attrs))
+
+
+def test_open_refuses_unfinished_run(tmp_path):
+    with pytest.raises(IncompleteRunError, match="metadata.json"):
+        layerscope.open(tmp_path)
+    (tmp_path / "metadata.json").write_text(json.dumps({}))
+    with pytest.raises(IncompleteRunError, match="store"):
+        layerscope.open(tmp_path)

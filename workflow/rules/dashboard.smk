@@ -1,0 +1,34 @@
+rule summarize:
+    input:
+        metadata=f"{RESULTS}/metadata.json",
+    output:
+        summary=f"{RESULTS}/summaries/summary.json",
+    params:
+        run_dir=lambda w, input: os.path.dirname(input.metadata),
+        dashboard=config["dashboard"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    log:
+        f"logs/{RUN}/summarize.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/summarize.tsv"
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/summarize.py"
+
+
+rule dashboard:
+    input:
+        summary=f"{RESULTS}/summaries/summary.json",
+    output:
+        html=f"{RESULTS}/dashboard/index.html",
+    log:
+        f"logs/{RUN}/dashboard.log",
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/dashboard.py"

@@ -1,0 +1,19 @@
+rule metadata:
+    input:
+        store=f"{STORE}/zarr.json",
+        manifest=MANIFEST,
+        examples=f"{DATASET}/examples.jsonl",
+    output:
+        metadata=f"{RESULTS}/metadata.json",
+        run_config=f"{RESULTS}/run_config.json",
+    params:
+        config=config,
+        store=lambda w, input: os.path.dirname(input.store),
+    log:
+        f"logs/{RUN}/metadata.log",
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/metadata.py"
