@@ -26,4 +26,7 @@ rule all:
     input:
         f"{RESULTS}/metadata.json",
         f"{RESULTS}/dashboard/index.html",
+        # Snakemake does not re-create missing intermediate files when what depends on them is
+        # up to date; naming the per-array markers here makes a deleted array re-run its job.
+        all_markers,
     default_target: True

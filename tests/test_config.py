@@ -75,3 +75,11 @@ def test_snakemake_stops_before_any_job(workdir: Path):
     assert "config error: capture.sites[1]: 'mlp_gate' is not one of" in out
     assert out.count("config error") == 1
     assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+
+
+def test_key_order_does_not_change_params():
+    reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v)
+                 for k, v in reversed(list(DEFAULT.items()))}
+    a, b = build_plan(DEFAULT, SCHEMA, REPO), build_plan(reordered, SCHEMA, REPO)
+    assert repr(a.config["model"]) == repr(b.config["model"])
+    assert all(repr(a.job_params(g)) == repr(b.job_params(g)) for g in a.groups)

@@ -10,9 +10,12 @@ import pytest
 import zarr
 
 import layerscope
-from layerscope.capture import ArrayJob, Router
+import torch
+
+from layerscope.capture import ArrayJob, BufferPool, Router
+from layerscope.shards import ShardFile, chunk_encoder
 from layerscope.errors import IncompleteRunError
-from layerscope.store import check_complete, make_layout
+from layerscope.store import array_metadata, check_complete, make_layout
 from layerscope.writer import ShardWriter
 from tests.helpers import capture_store, make_params, prepare_texts
 
@@ -39,71 +42,89 @@ def test_layout_parts_are_whole_shards(rows, width, parts, chunk_mib, shard_mib)
         assert lay.chunk_rows * width * 2 <= max(chunk_mib * 2**20, width * 2)
 
 
-class CountingArray:
-    def __init__(self, rows, width):
-        self.data = np.full((rows, width), np.nan, dtype=np.float32)
-        self.writes = []
-
-    def __setitem__(self, key, value):
-        self.writes.append((key.start, key.stop))
-        self.data[key] = value
-
-
 @pytest.mark.parametrize("batch", [1, 3, 17, 100])
-def test_router_writes_each_shard_whole_and_once(batch):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_router_writes_each_shard_whole_and_once(tmp_path, monkeypatch, batch, compression):
+    store_cfg = {"compression": compression, "compression_level": 3}
     lay = make_layout(250, 4, 4, 2, 10 * 16 / 2**20, 30 * 16 / 2**20)  # chunks of 10 rows, shards of 30
     assert (lay.chunk_rows, lay.shard_rows) == (10, 30)
+    array_dir = tmp_path / "a"
+    array_dir.mkdir()
+    (array_dir / "zarr.json").write_bytes(array_metadata(lay, "float32", store_cfg, {}, ("token", "hidden")))
     src = np.random.default_rng(0).normal(size=(250, 4)).astype(np.float32)
+    closed = []
+    orig_close = ShardFile.close
+    monkeypatch.setattr(ShardFile, "close", lambda self: (closed.append(self.path), orig_close(self)))
     for part in range(2):
         r0, r1 = lay.part_range(part)
-        arr = CountingArray(250, 4)
         w = ShardWriter()
-        job = ArrayJob(0, "resid_post", "all", lay, r0, r1, zarr_array=arr)
-        router = Router(job, np.dtype(np.float32), w)
+        job = ArrayJob(0, "resid_post", "all", lay, r0, r1, array_dir=array_dir)
+        pool = BufferPool(torch.float32, pin=False)
+        router = Router(job, pool, w, chunk_encoder(store_cfg, 4))
         for g0 in range(0, 250, batch):  # rows outside the part are offered too and must be ignored
-            router.add(g0, src[g0:g0 + batch])
+            router.add(g0, torch.from_numpy(src[g0:g0 + batch]))
         router.done()
         w.close()
-        expect = [(s * 30, min(s * 30 + 30, 250)) for s in lay.shard_range(part)]
-        assert arr.writes == expect
-        np.testing.assert_array_equal(arr.data[r0:r1], src[r0:r1])
-        assert np.isnan(np.delete(arr.data, np.s_[r0:r1], axis=0)).all()
+        assert job.written == list(lay.shard_range(part))
+        # chunk buffers are recycled: never more than the writer's queue (4), the one being
+        # written and the one being filled, however many chunks the part has
+        assert sum(len(v) for v in pool._free.values()) <= 4 + 2
+    got = zarr.open_array(str(array_dir), mode="r")[:]
+    np.testing.assert_array_equal(got, src)
+    assert sorted(closed) == sorted(set(closed)) and len(closed) == lay.num_shards  # each shard once
+    assert not [p for p in array_dir.rglob("*") if ".tmp-" in p.name]
 
 
-def test_writer_error_fails_promptly():
-    w = ShardWriter(depth=1)
+@pytest.mark.parametrize("threaded", [True, False])
+def test_writer_runs_in_order(threaded):
+    out = []
+    w = ShardWriter(depth=2, threaded=threaded)
+    for i in range(50):
+        w.submit(lambda i=i: out.append(i))
+    w.close()
+    assert out == list(range(50))
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_writer_error_fails_promptly(threaded):
+    w = ShardWriter(depth=1, threaded=threaded)
 
     def boom():
         raise OSError("disk full")
 
-    w.submit(boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        for _ in range(100):  # must not hang: the error surfaces on a later submit
+        w.submit(boom)
+        for _ in range(100):  # must not hang: a writer thread's error surfaces on a later submit
             w.submit(lambda: None)
-    w2 = ShardWriter()
-    w2.submit(boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        w2.close()
+    if threaded:
+        w2 = ShardWriter()
+        w2.submit(boom)
+        with pytest.raises(RuntimeError, match="disk full"):
+            w2.close()
 
 
-def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monkeypatch):
+@pytest.mark.parametrize("threaded", [True, False])
+def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monkeypatch, threaded):
     from layerscope import capture as cap
+
+    monkeypatch.setattr(cap.os, "cpu_count", lambda: 64 if threaded else 1)
 
     m = model_factory("llama-tiny")
     ds = prepare_texts(tmp_path, m)
     params = make_params({0: {"sites": ["resid_post"], "positions": "all"}}, parts=1,
                          chunk_mib=64 * 2 * 8 / 2**20, shard_mib=64 * 2 * 8 / 2**20)  # 8-row shards: many writes
-    orig = cap.Router._flush
+    orig = cap.ShardFile.append
     count = itertools.count()
 
-    def flaky(self):
+    def flaky(self, chunk):
         if next(count) == 3:
-            self.j.zarr_array = None  # the 4th shard write fails inside the writer thread
-        orig(self)
+            raise OSError("No space left on device")  # the 4th chunk write fails inside the writer thread
+        orig(self, chunk)
 
-    monkeypatch.setattr(cap.Router, "_flush", flaky)
-    with pytest.raises(RuntimeError, match="writing a shard failed"):
+    monkeypatch.setattr(cap.ShardFile, "append", flaky)
+    with pytest.raises(RuntimeError, match="writing a shard failed: OSError: No space left"):
         capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
+    assert not [p for p in (tmp_path / "store.zarr").rglob("*") if ".tmp-" in p.name]
     assert not (tmp_path / "store.zarr" / "layer_00" / "resid_post" / "parts" / "0.json").exists()
     assert not (tmp_path / "store.zarr" / "zarr.json").exists()  # nothing looks finished
 

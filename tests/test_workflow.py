@@ -103,3 +103,8 @@ def test_parallel_equals_serial(demo, tmp_path):
     assert [k for k in a if a[k] != b[k]] == []
     c = _store_bytes(demo / RUN)
     assert [k for k in a if a[k] != c[k]] == []
+
+
+def test_lint_is_clean(demo):
+    res = run_snakemake(demo, "--lint")
+    assert res.returncode == 0 and "Congratulations" in res.stdout + res.stderr

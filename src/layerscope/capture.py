@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from layerscope.config import check_layers_against
 from layerscope.dataset import load_tokens
 from layerscope.fileio import read_json
 from layerscope.models import load_model, resolve_device
+from layerscope.shards import ShardFile, chunk_encoder
 from layerscope.store import (STORAGE_DTYPES, Layout, array_metadata, make_layout, prepare_array, write_marker)
 from layerscope.writer import ShardWriter
 
@@ -37,7 +40,7 @@ def site_width(site: str, hidden: int, intermediate: int) -> int:
 
 @dataclass
 class ArrayJob:
-    """One array's share of this job: its layout, row range and the shard being filled."""
+    """One array's share of this job: its layout and row range, and where its directory is."""
 
     layer: int
     site: str
@@ -45,9 +48,7 @@ class ArrayJob:
     layout: Layout
     r0: int
     r1: int
-    zarr_array: Any = None
-    buf: np.ndarray | None = None
-    shard: int = -1
+    array_dir: Path | None = None
     written: list[int] = field(default_factory=list)
 
     def example_range(self, offsets: np.ndarray) -> tuple[int, int]:
@@ -61,49 +62,100 @@ class ArrayJob:
         return e0, e1
 
 
+class BufferPool:
+    """Reusable host chunk buffers (pinned when copying from a GPU): a long capture allocates a
+    handful of chunks once instead of one per chunk."""
+
+    def __init__(self, dtype: torch.dtype, pin: bool) -> None:
+        self.dtype, self.pin = dtype, pin
+        self._free: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, rows: int, width: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((rows, width))
+            if free:
+                return free.pop()
+        return torch.empty((rows, width), dtype=self.dtype, pin_memory=self.pin)
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault(tuple(buf.shape), []).append(buf)
+
+
+def as_storage_numpy(buf: torch.Tensor) -> np.ndarray:
+    """The numpy view that goes to disk: bfloat16 as its raw 16-bit pattern."""
+    if buf.dtype == torch.bfloat16:
+        return buf.view(torch.int16).numpy().view(np.uint16)
+    return buf.numpy()
+
+
 class Router:
-    """Copies captured rows into shard buffers and submits whole shards to the writer."""
+    """Copies captured rows into chunk buffers (converting to the storage dtype on the way) and
+    hands each full chunk to the writer thread, which streams it into its shard file; the
+    forward pass never waits on the disk, and memory holds about one chunk per array."""
 
-    def __init__(self, job: ArrayJob, dtype: np.dtype, writer: ShardWriter) -> None:
-        self.j, self.dtype, self.writer = job, dtype, writer
+    def __init__(self, job: ArrayJob, pool: BufferPool, writer: ShardWriter, encode) -> None:
+        self.j, self.pool, self.writer, self.encode = job, pool, writer, encode
+        self.cuda = pool.pin
+        self.buf: torch.Tensor | None = None
+        self.chunk = -1
+        self.shard_file: ShardFile | None = None
+        self.opened: list[ShardFile] = []  # to remove their temporary files if the job fails
 
-    def _flush(self) -> None:
+    def _flush_chunk(self, filled: int) -> None:
+        j, buf, sf, pool = self.j, self.buf, self.shard_file, self.pool
+        lay = j.layout
+        if filled < lay.chunk_rows:  # only at the end of the array: pad the inner chunk with the fill value
+            buf[filled:].fill_(float("nan"))
+        event = None
+        if self.cuda:  # device-to-host copies were queued non-blocking: wait for them off the main thread
+            event = torch.cuda.Event()
+            event.record()
+
+        def write() -> None:
+            if event is not None:
+                event.synchronize()
+            sf.append(as_storage_numpy(buf))
+            pool.release(buf)
+
+        self.writer.submit(write)
+        self.buf = None
+        chunk_end = (self.chunk + 1) * lay.chunk_rows
+        shard = self.chunk * lay.chunk_rows // lay.shard_rows
+        if chunk_end % lay.shard_rows == 0 or min(chunk_end, lay.rows) >= j.r1:
+            self.writer.submit(sf.close)
+            j.written.append(shard)
+            self.shard_file = None
+
+    def add(self, g0: int, rows: torch.Tensor) -> None:
+        """``rows`` hold global rows [g0, g0 + len(rows)); keep the ones in this job's range."""
         j = self.j
-        s0 = j.shard * j.layout.shard_rows
-        s1 = min(s0 + j.layout.shard_rows, j.layout.rows)
-        buf, arr = j.buf, j.zarr_array
-        self.writer.submit(lambda: arr.__setitem__(slice(s0, s1), buf[: s1 - s0]))
-        j.written.append(j.shard)
-        j.buf = None
-
-    def add(self, g0: int, rows: np.ndarray) -> None:
-        """Rows ``rows`` hold global rows [g0, g0 + len(rows)); keep the ones in this job's range."""
-        j = self.j
+        lay = j.layout
         lo, hi = max(g0, j.r0), min(g0 + len(rows), j.r1)
-        sr = j.layout.shard_rows
+        cr = lay.chunk_rows
         while lo < hi:
-            shard = lo // sr
-            if shard != j.shard:
-                j.shard = shard
-                j.buf = np.empty((sr, j.layout.width), dtype=self.dtype)
-            s0 = shard * sr
-            end = min(hi, s0 + sr)
-            j.buf[lo - s0:end - s0] = rows[lo - g0:end - g0]
+            chunk = lo // cr
+            if chunk != self.chunk:
+                self.chunk = chunk
+                self.buf = self.pool.acquire(cr, lay.width)
+                if self.shard_file is None:
+                    self.shard_file = ShardFile(j.array_dir, lo // lay.shard_rows, lay.shard_rows // cr, self.encode)
+                    self.opened.append(self.shard_file)
+            c0 = chunk * cr
+            end = min(hi, c0 + cr)
+            self.buf[lo - c0:end - c0].copy_(rows[lo - g0:end - g0], non_blocking=self.cuda)
             lo = end
-            if end == min(s0 + sr, j.r1):
-                self._flush()
+            if end == min(c0 + cr, j.r1):
+                self._flush_chunk(end - c0)
 
     def done(self) -> None:
-        if self.j.buf is not None:
-            raise RuntimeError(f"{self.j.layer}/{self.j.site}: shard {self.j.shard} incomplete at end of job")
+        if self.buf is not None or self.shard_file is not None:
+            raise RuntimeError(f"layer {self.j.layer} {self.j.site}: chunk {self.chunk} incomplete at end of job")
 
-
-def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
-    x = x.to(TORCH_DTYPES[dtype])
-    if dtype == "bfloat16":
-        x = x.view(torch.int16)
-    a = x.cpu().numpy()
-    return a.view(np.uint16) if dtype == "bfloat16" else a
+    def abort(self) -> None:
+        for sf in self.opened:
+            sf.abort()
 
 
 def plan_arrays(params: dict[str, Any], dims: dict[str, Any], n_examples: int, n_tokens: int,
@@ -123,8 +175,12 @@ def plan_arrays(params: dict[str, Any], dims: dict[str, Any], n_examples: int, n
 
 
 def run_capture(manifest_path: str | os.PathLike, dataset_dir: str | os.PathLike, store_root: str | os.PathLike,
-                params: dict[str, Any], part: int, device: str = "auto", group: str = "") -> dict[str, Any]:
-    """Capture this job's layers for this part of the examples into the store; write completion markers."""
+                params: dict[str, Any], part: int, device: str = "auto", group: str = "",
+                loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Capture this job's layers for this part of the examples into the store; write completion markers.
+
+    ``loaded`` is an already loaded (model, tokenizer) pair on ``device``, to skip loading.
+    """
     t_start = time.perf_counter()
     manifest = read_json(manifest_path)
     m = manifest["model"]
@@ -145,71 +201,84 @@ def run_capture(manifest_path: str | os.PathLike, dataset_dir: str | os.PathLike
     log.info("job %s part %d: layers %s, %d arrays, examples [%d, %d) of %d", group, part, layers, len(jobs),
              e0, e1, n_ex)
 
-    stats = {"examples": [e0, e1], "tokens": int(offsets[e1] - offsets[e0]) if e1 > e0 else 0}
+    stats: dict[str, Any] = {"examples": [e0, e1], "tokens": int(offsets[e1] - offsets[e0]) if e1 > e0 else 0}
     if e1 > e0:
-        _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group)
+        _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group, loaded)
     elapsed = time.perf_counter() - t_start
+    stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     for j in jobs:
         write_marker(root, j.layer, j.site, part, {"rows": [j.r0, j.r1], "shards": j.written, **stats,
                                                     "seconds": round(elapsed, 3)})
-    log.info("job %s part %d done in %.1f s (%d tokens, %.0f tokens/s)", group, part, elapsed, stats["tokens"],
-             stats["tokens"] / max(elapsed, 1e-9))
+    log.info("job %s part %d done in %.1f s (%d tokens, %.0f tokens/s, peak RSS %.0f MiB)", group, part, elapsed,
+             stats["tokens"], stats["tokens"] / max(elapsed, 1e-9), stats["peak_rss_mib"])
     return stats
 
 
-def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group) -> None:
-    import zarr
+def _batch(token_ids: np.ndarray, offsets: np.ndarray, b0: int, b1: int, pad_id: int, left: bool):
+    lens = (offsets[b0 + 1:b1 + 1] - offsets[b0:b1]).astype(np.int64)
+    T = int(lens.max())
+    ids = np.full((b1 - b0, T), pad_id, dtype=np.int64)
+    mask = np.zeros((b1 - b0, T), dtype=np.int64)
+    for k in range(b1 - b0):
+        row = token_ids[offsets[b0 + k]:offsets[b0 + k + 1]]
+        sl = slice(T - len(row), T) if left else slice(0, len(row))
+        ids[k, sl] = row
+        mask[k, sl] = 1
+    return ids, mask, lens
 
+
+def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group,
+                      loaded=None) -> None:
     dev = resolve_device(device)
-    model, tokenizer = load_model(manifest, dev, params["model_dtype"], params["trust_remote_code"])
+    model, tokenizer = loaded or load_model(manifest, dev, params["model_dtype"], params["trust_remote_code"])
     layer_mods = S.decoder_layers(model, manifest["model"]["num_layers"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    np_dtype = STORAGE_DTYPES[params["dtype"]]
-    writer = ShardWriter(depth=4)
+    pool = BufferPool(TORCH_DTYPES[params["dtype"]], pin=dev.startswith("cuda"))
+    # Room for a burst of one chunk per array (they fill in step) plus a few. Write on a thread
+    # when some processor is left idle by the model: always with a GPU, on a CPU only when
+    # torch leaves cores free.
+    threaded = dev.startswith("cuda") or (os.cpu_count() or 1) > torch.get_num_threads()
+    writer = ShardWriter(depth=2 * len(jobs) + 4, threaded=threaded)
+    encode = chunk_encoder(params["store"], STORAGE_DTYPES[params["dtype"]].itemsize)
     routers: list[Router] = []
-    captured: dict[int, torch.Tensor] = {}
+    batch: dict[str, Any] = {}
     handles = []
+
+    def route(i: int, x: torch.Tensor) -> None:
+        # Copy out inside the hook, so the model frees its activations as it would without us.
+        j = jobs[i]
+        if j.positions == "last":
+            routers[i].add(batch["e0"], x[batch["rows"], batch["last"]])
+        elif batch["sel"] is None:
+            routers[i].add(batch["t0"], x.reshape(-1, x.shape[-1]))
+        else:  # the real tokens only, flat, in example order
+            routers[i].add(batch["t0"], x[batch["sel"]])
+
     for i, j in enumerate(jobs):
-        j.zarr_array = zarr.open_array(str(root / f"layer_{j.layer:02d}" / j.site), mode="r+", zarr_format=3)
-        routers.append(Router(j, np_dtype, writer))
-        handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, i=i: captured.__setitem__(i, x)))
-    top = max(j.layer for j in jobs)
-    handles.append(S.attach_stop(layer_mods[top]))
+        j.array_dir = root / f"layer_{j.layer:02d}" / j.site
+        routers.append(Router(j, pool, writer, encode))
+        handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, i=i: route(i, x)))
+    handles.append(S.attach_stop(layer_mods[max(j.layer for j in jobs)]))
     bs = params["batch_size"]
     left = params["padding_side"] == "left"
-    n_batches = math.ceil((e1 - e0) / bs)
     ok = False
     try:
         with torch.inference_mode():
-            for b0 in tqdm(range(e0, e1, bs), total=n_batches, desc=f"capture {group} part {part}", unit="batch",
-                           mininterval=1.0):
+            for b0 in tqdm(range(e0, e1, bs), total=math.ceil((e1 - e0) / bs), desc=f"capture {group} part {part}",
+                           unit="batch", mininterval=1.0):
                 b1 = min(b0 + bs, e1)
-                lens = (offsets[b0 + 1:b1 + 1] - offsets[b0:b1]).astype(np.int64)
-                T = int(lens.max())
-                ids = np.full((b1 - b0, T), pad_id, dtype=np.int64)
-                mask = np.zeros((b1 - b0, T), dtype=np.int64)
-                for k in range(b1 - b0):
-                    row = token_ids[offsets[b0 + k]:offsets[b0 + k + 1]]
-                    sl = slice(T - len(row), T) if left else slice(0, len(row))
-                    ids[k, sl] = row
-                    mask[k, sl] = 1
-                ids_t = torch.from_numpy(ids).to(dev)
-                mask_t = torch.from_numpy(mask).to(dev)
+                ids, mask, lens = _batch(token_ids, offsets, b0, b1, pad_id, left)
+                ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
+                mask_t = torch.from_numpy(mask).to(dev, non_blocking=True)
                 pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
-                captured.clear()
+                padded = bool((lens != ids.shape[1]).any())
+                last = np.full(len(lens), ids.shape[1] - 1) if left else lens - 1
+                batch.update(e0=b0, t0=int(offsets[b0]), sel=mask_t.bool() if padded else None,
+                             rows=torch.arange(b1 - b0, device=dev), last=torch.from_numpy(last).to(dev))
                 try:
                     model(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t, use_cache=False)
                 except S.StopForward:
                     pass
-                sel = mask_t.bool()
-                last_idx = torch.from_numpy(np.where(left, T - 1, lens - 1)).to(dev)
-                ar = torch.arange(b1 - b0, device=dev)
-                for i, j in enumerate(jobs):
-                    x = captured[i]
-                    if j.positions == "last":
-                        routers[i].add(b0, _to_numpy(x[ar, last_idx], params["dtype"]))
-                    else:
-                        routers[i].add(int(offsets[b0]), _to_numpy(x[sel], params["dtype"]))
         for r in routers:
             r.done()
         ok = True
@@ -221,3 +290,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
         except Exception:
             if ok:
                 raise
+        finally:
+            if not ok:
+                for r in routers:
+                    r.abort()

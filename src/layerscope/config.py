@@ -189,6 +189,10 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         if L not in settings:
             raise ConfigError(f"config error: capture.overrides.{key}: layer {L} is not in capture.layers")
         settings[L].update(copy.deepcopy(over))
+    # Key order must not matter: Snakemake compares params by their text, so a config file
+    # rewritten with its keys in another order would otherwise re-run every job.
+    cfg = json.loads(dumps_stable(cfg))
+    settings = {L: json.loads(dumps_stable(v)) for L, v in settings.items()}
     return Plan(cfg, base, model, adapter, dims, layers, settings)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from layerscope.errors import IncompleteRunError, LayerScopeError
 from layerscope.fileio import read_json
+from layerscope.shards import ShardMap
 
 STORE = "activations.zarr"
 
@@ -28,16 +29,28 @@ def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def _shard_map(array, attrs: dict[str, Any], array_dir: Path | None) -> ShardMap | None:
+    """A direct reader for arrays LayerScope wrote uncompressed; None where zarr must decode."""
+    layout = attrs.get("layout")
+    if array_dir is None or layout is None or array.compressors or array.filters:
+        return None
+    fill = array.metadata.fill_value
+    return ShardMap(array_dir, layout["rows"], layout["width"], layout["chunk_rows"], layout["shard_rows"],
+                    array.dtype, fill)
+
+
 class Activations:
     """A lazy view of one layer x site array, optionally restricted to a range of examples."""
 
-    def __init__(self, array, offsets: np.ndarray, e0: int, e1: int) -> None:
+    def __init__(self, array, offsets: np.ndarray, e0: int, e1: int, array_dir: Path | None = None,
+                 direct: ShardMap | None = None) -> None:
         self._a = array
         self.attrs: dict[str, Any] = dict(array.attrs)
         self.positions: str = self.attrs["positions"]
         self.dtype: str = self.attrs["dtype"]
         self._off = offsets
         self.e0, self.e1 = e0, e1
+        self._direct = direct if direct is not None else _shard_map(array, self.attrs, array_dir)
 
     def __len__(self) -> int:
         return self.e1 - self.e0
@@ -61,10 +74,21 @@ class Activations:
     def _convert(self, raw: np.ndarray, raw_bits: bool) -> np.ndarray:
         return bf16_to_float32(raw) if self.dtype == "bfloat16" and not raw_bits else raw
 
+    def _read(self, r0: int, r1: int) -> np.ndarray:
+        """Absolute rows [r0, r1) of the array: straight from the shard files when uncompressed."""
+        return self._direct.read(r0, r1) if self._direct is not None else self._a[r0:r1]
+
     def rows(self, r0: int, r1: int, raw: bool = False) -> np.ndarray:
         """Rows [r0, r1) of this view (view-relative)."""
         base = self.row_range[0]
-        return self._convert(self._a[base + r0:base + r1], raw)
+        return self._convert(self._read(base + r0, base + r1), raw)
+
+    def take(self, indices, raw: bool = False) -> np.ndarray:
+        """Rows at arbitrary view-relative indices (e.g. random examples of a ``last`` array), in order."""
+        idx = np.asarray(indices, dtype=np.int64) + self.row_range[0]
+        if self._direct is not None:
+            return self._convert(self._direct.take(idx), raw)
+        return self._convert(self._a.get_orthogonal_selection((idx, slice(None))), raw)
 
     def example(self, i: int, raw: bool = False) -> np.ndarray:
         """Example i of this view: [width] for ``last`` arrays, [n_tokens, width] for ``all`` arrays."""
@@ -73,21 +97,22 @@ class Activations:
             raise IndexError(f"example {i} out of range for a view of {n} examples")
         e = self.e0 + (i % n)
         if self.positions == "last":
-            return self._convert(self._a[e], raw)
-        return self._convert(self._a[int(self._off[e]):int(self._off[e + 1])], raw)
+            return self._convert(self._read(e, e + 1)[0], raw)
+        return self._convert(self._read(int(self._off[e]), int(self._off[e + 1])), raw)
 
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
             start, stop, step = i.indices(len(self))
             if step == 1:
-                return Activations(self._a, self._off, self.e0 + start, self.e0 + max(start, stop))
+                return Activations(self._a, self._off, self.e0 + start, self.e0 + max(start, stop),
+                                   direct=self._direct)
             return [self.example(k) for k in range(start, stop, step)]
         return self.example(int(i))
 
     def numpy(self, raw: bool = False) -> np.ndarray:
         """All rows of the view in memory ([examples, width] or [tokens, width])."""
         r0, r1 = self.row_range
-        return self._convert(self._a[r0:r1], raw)
+        return self._convert(self._read(r0, r1), raw)
 
     def torch(self):
         """All rows as a torch tensor in the stored dtype (bfloat16 included)."""
@@ -105,7 +130,7 @@ class Activations:
         s = r0
         while s < r1:
             e = min((s // sr + 1) * sr, r1)
-            yield (s - r0, e - r0), self._convert(self._a[s:e], raw)
+            yield (s - r0, e - r0), self._convert(self._read(s, e), raw)
             s = e
 
 
@@ -188,7 +213,7 @@ class Run:
             if split not in self.splits:
                 raise LayerScopeError(f"{self.path}: no split {split!r} (splits: {', '.join(self.splits)})")
             e0, e1 = self.splits[split]
-        return Activations(self.group[key], self.offsets, e0, e1)
+        return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.path / STORE / key)
 
     def iter_shards(self, layer: int, site: str = "resid_post", split: str | None = None):
         return self.activations(layer, site, split).iter_shards()

@@ -12,13 +12,19 @@ class ShardWriter:
 
     An error in a write is raised in the submitting thread at the next ``submit`` or at
     ``close``, so a failing disk stops the job promptly instead of hanging it.
+
+    With ``threaded=False`` the calls run at once in the caller: on a CPU whose cores all run
+    the model's matrix products, a writer thread only steals cycles from them (measured in
+    benchmarks/capture.py), so there is nothing to overlap with.
     """
 
-    def __init__(self, depth: int = 4) -> None:
+    def __init__(self, depth: int = 4, threaded: bool = True) -> None:
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="layerscope-writer", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="layerscope-writer", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         while True:
@@ -40,6 +46,13 @@ class ShardWriter:
 
     def submit(self, fn: Callable[[], None]) -> None:
         self._raise()
+        if self._thread is None:
+            try:
+                fn()
+            except BaseException as e:
+                self._error = e
+                self._raise()
+            return
         while True:
             try:
                 self._q.put(fn, timeout=0.5)
@@ -49,6 +62,7 @@ class ShardWriter:
 
     def close(self) -> None:
         """Wait for every submitted write; raise the first error, if any."""
-        self._q.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
         self._raise()

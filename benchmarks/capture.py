@@ -1,0 +1,188 @@
+"""Capture throughput: LayerScope against the bare forward pass, a naive synchronous capture, and the disk.
+
+For one token set and a model of a realistic CPU shape (hidden 512, intermediate 1376, 8
+layers; 256-token sequences, batch 8), measures in one process, interleaved and repeated:
+
+  1. forward   the bare forward pass (no hooks, nothing kept)
+  2. capture   LayerScope's capture job into a Zarr store on disk
+  3. naive     output_hidden_states / plain hooks per batch, torch.save per layer per batch
+  4. npsave    numpy.save of the same bytes (the storage limit of this disk)
+
+for two workloads: ``resid`` (resid_post, every layer, all positions, float16) and
+``everything`` (resid_post, attn_out, mlp_out, mlp_act, every layer, all positions, float16).
+Prints a table, then one JSON line with the medians, ``overhead = capture / max(forward,
+npsave)`` and ``vs_naive = naive / capture`` per workload.
+
+    python benchmarks/capture.py [--sequences 64] [--repeats 3] [--device cpu|cuda] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerscope.capture import run_capture
+from layerscope.dataset import _save_npy
+from layerscope.models import fetch, load_model, parse_ref
+
+WORKLOADS = {"resid": ["resid_post"], "everything": ["resid_post", "attn_out", "mlp_out", "mlp_act"]}
+
+
+def make_dataset(d: Path, n: int, seq: int, vocab: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(16, vocab, size=n * seq).astype(np.int32)
+    d.mkdir(parents=True, exist_ok=True)
+    _save_npy(d / "token_ids.npy", ids)
+    _save_npy(d / "offsets.npy", np.arange(0, n * seq + 1, seq, dtype=np.int64))
+    return d
+
+
+def batches(ids: np.ndarray, n: int, seq: int, bs: int, device: str):
+    x = torch.from_numpy(ids[:n * seq].astype(np.int64)).view(n, seq)
+    for b in range(0, n, bs):
+        yield b // bs, x[b:b + bs].to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bare_forward(model, ids, n, seq, bs, device) -> None:
+    with torch.inference_mode():
+        for _, x in batches(ids, n, seq, bs, device):
+            model(input_ids=x, use_cache=False)
+    sync(device)
+
+
+def naive(model, ids, n, seq, bs, device, sites, out: Path) -> None:
+    """What researchers usually write: gather per batch, torch.save each layer, then the next batch."""
+    from layerscope.sites import decoder_layers
+
+    layers = decoder_layers(model, model.config.num_hidden_layers)
+    got: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        if "attn_out" in sites:
+            hooks.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"attn_out{i}", o[0])))
+        if "mlp_out" in sites:
+            hooks.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"mlp_out{i}", o)))
+        if "mlp_act" in sites:
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
+                lambda m, a, i=i: got.__setitem__(f"mlp_act{i}", a[0])))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.inference_mode():
+            for b, x in batches(ids, n, seq, bs, device):
+                got.clear()
+                hs = model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
+                for i in range(len(layers)):
+                    torch.save(hs[i + 1].half().cpu(), out / f"resid_post_{i:02d}_{b:04d}.pt")
+                    for s in sites:
+                        if s != "resid_post":
+                            torch.save(got[f"{s}{i}"].half().cpu(), out / f"{s}_{i:02d}_{b:04d}.pt")
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def npsave(arrays: list[tuple[str, tuple[int, int]]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, shape in arrays:
+        a = rng.standard_normal(shape[1], dtype=np.float32).astype(np.float16)
+        np.save(out / f"{name}.npy", np.broadcast_to(a, shape).copy())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sequences", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="builtin:llama-512")
+    ap.add_argument("--out", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if args.sequences < 1 or args.repeats < 1:
+        ap.error("--sequences and --repeats must be at least 1")
+    scratch = Path(args.out or tempfile.mkdtemp(prefix="ls-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args, scratch: Path) -> int:
+    m = fetch(parse_ref({"id": args.model}), scratch / "model")
+    manifest = {"model": m, "adapter": None}
+    (scratch / "manifest.json").write_text(json.dumps(manifest))
+    model, tok = load_model(manifest, args.device, "float32")
+    n, seq, bs = args.sequences, args.seq_len, args.batch_size
+    ds = make_dataset(scratch / "dataset", n, seq, model.config.vocab_size)
+    ids = np.load(ds / "token_ids.npy")
+    L, H, I = m["num_layers"], m["hidden_size"], m["intermediate_size"]
+    tokens = n * seq
+    times: dict[str, dict[str, list[float]]] = {w: {k: [] for k in ("forward", "capture", "naive", "npsave")}
+                                                for w in WORKLOADS}
+    nbytes = {}
+    store_bytes = {}
+    bare_forward(model, ids, min(n, bs), seq, bs, args.device)  # warm-up
+    for rep in range(args.repeats):
+        for w, sites in WORKLOADS.items():
+            arrays = [(f"{s}_{i:02d}", (tokens, I if s == "mlp_act" else H)) for i in range(L) for s in sites]
+            nbytes[w] = sum(a * b * 2 for _, (a, b) in arrays)
+            params = {"layers": {str(i): {"sites": sites, "positions": "all"} for i in range(L)}, "dtype": "float16",
+                      "batch_size": bs, "padding_side": "right", "parts": 1, "model_dtype": "float32",
+                      "trust_remote_code": False,
+                      "store": {"chunk_mib": 2, "shard_mib": 64, "compression": "none", "compression_level": 3}}
+            order = ["forward", "capture", "naive", "npsave"]
+            order = order[rep % 4:] + order[:rep % 4]  # interleave: no method always runs first
+            for method in order:
+                target = scratch / f"{w}-{method}"
+                shutil.rmtree(target, ignore_errors=True)
+                t = time.perf_counter()
+                if method == "forward":
+                    bare_forward(model, ids, n, seq, bs, args.device)
+                elif method == "capture":
+                    run_capture(scratch / "manifest.json", ds, target, params, 0, device=args.device,
+                                group=w, loaded=(model, tok))
+                elif method == "naive":
+                    naive(model, ids, n, seq, bs, args.device, sites, target)
+                else:
+                    npsave(arrays, target)
+                times[w][method].append(time.perf_counter() - t)
+                if method == "capture":
+                    store_bytes[w] = sum(f.stat().st_size for f in target.rglob("c/*/*") if f.is_file())
+                shutil.rmtree(target, ignore_errors=True)
+    result = {"device": args.device, "model": args.model, "tokens": tokens, "seq_len": seq, "batch_size": bs,
+              "repeats": args.repeats, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    print(f"{'workload':<11} {'method':<8} {'median s':>9} {'min':>7} {'max':>7} {'tokens/s':>10}")
+    for w in WORKLOADS:
+        med = {k: statistics.median(v) for k, v in times[w].items()}
+        for k, v in times[w].items():
+            print(f"{w:<11} {k:<8} {med[k]:9.3f} {min(v):7.3f} {max(v):7.3f} {tokens / med[k]:10.0f}")
+        result[w] = {"bytes": nbytes[w], "store_bytes": store_bytes[w], "disk_ratio": round(store_bytes[w] / nbytes[w], 4),
+                     "median_s": {k: round(v, 4) for k, v in med.items()},
+                     "spread_s": {k: [round(min(v), 4), round(max(v), 4)] for k, v in times[w].items()},
+                     "overhead": round(med["capture"] / max(med["forward"], med["npsave"]), 3),
+                     "vs_naive": round(med["naive"] / med["capture"], 3)}
+        print(f"{w:<11} overhead {result[w]['overhead']:.3f}  vs_naive {result[w]['vs_naive']:.3f}  "
+              f"disk/raw {result[w]['disk_ratio']:.4f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
