@@ -11,7 +11,7 @@ as .npy files; then measures, interleaved and repeated:
 and, for reference, zarr-python's own reads of the same arrays. Prints a table, then one JSON
 line with medians and ``speed = numpy time / reader time`` per case.
 
-    python benchmarks/read.py [--examples 20000] [--hidden 4096] [--tokens 2000000] [--repeats 5]
+    python benchmarks/read.py [--examples 20000] [--hidden 4096] [--tokens 50000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=20000)
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--tokens", type=int, default=2_000_000 // 8)
+    ap.add_argument("--tokens", type=int, default=50_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

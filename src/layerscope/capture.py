@@ -25,7 +25,7 @@ from layerscope.config import check_layers_against
 from layerscope.dataset import load_tokens
 from layerscope.fileio import read_json
 from layerscope.models import load_model, resolve_device
-from layerscope.shards import ShardFile, chunk_encoder
+from layerscope.shards import ShardFile, aligned_empty, chunk_encoder, direct_io_supported
 from layerscope.store import (STORAGE_DTYPES, Layout, array_metadata, make_layout, prepare_array, write_marker)
 from layerscope.writer import ShardWriter
 
@@ -76,7 +76,10 @@ class BufferPool:
             free = self._free.get((rows, width))
             if free:
                 return free.pop()
-        return torch.empty((rows, width), dtype=self.dtype, pin_memory=self.pin)
+        if self.pin:
+            return torch.empty((rows, width), dtype=self.dtype, pin_memory=True)
+        nbytes = rows * width * self.dtype.itemsize
+        return torch.from_numpy(aligned_empty(nbytes)).view(self.dtype).view(rows, width)
 
     def release(self, buf: torch.Tensor) -> None:
         with self._lock:
@@ -95,8 +98,8 @@ class Router:
     hands each full chunk to the writer thread, which streams it into its shard file; the
     forward pass never waits on the disk, and memory holds about one chunk per array."""
 
-    def __init__(self, job: ArrayJob, pool: BufferPool, writer: ShardWriter, encode) -> None:
-        self.j, self.pool, self.writer, self.encode = job, pool, writer, encode
+    def __init__(self, job: ArrayJob, pool: BufferPool, writer: ShardWriter, encode, direct: bool = False) -> None:
+        self.j, self.pool, self.writer, self.encode, self.direct = job, pool, writer, encode, direct
         self.cuda = pool.pin
         self.buf: torch.Tensor | None = None
         self.chunk = -1
@@ -140,7 +143,8 @@ class Router:
                 self.chunk = chunk
                 self.buf = self.pool.acquire(cr, lay.width)
                 if self.shard_file is None:
-                    self.shard_file = ShardFile(j.array_dir, lo // lay.shard_rows, lay.shard_rows // cr, self.encode)
+                    self.shard_file = ShardFile(j.array_dir, lo // lay.shard_rows, lay.shard_rows // cr, self.encode,
+                                                self.direct)
                     self.opened.append(self.shard_file)
             c0 = chunk * cr
             end = min(hi, c0 + cr)
@@ -234,11 +238,15 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
     layer_mods = S.decoder_layers(model, manifest["model"]["num_layers"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pool = BufferPool(TORCH_DTYPES[params["dtype"]], pin=dev.startswith("cuda"))
-    # Room for a burst of one chunk per array (they fill in step) plus a few. Write on a thread
-    # when some processor is left idle by the model: always with a GPU, on a CPU only when
-    # torch leaves cores free.
-    threaded = dev.startswith("cuda") or (os.cpu_count() or 1) > torch.get_num_threads()
+    # Room for a burst of one chunk per array (they fill in step) plus a few. A writer thread
+    # overlaps the disk with the model when writing costs it no processor time: with O_DIRECT
+    # (DMA), with a GPU, or when torch leaves cores free. Buffered writes on a CPU whose cores
+    # all run matrix products only slow them down (measured: benchmarks/capture.py).
+    direct = direct_io_supported(root)
+    threaded = direct or dev.startswith("cuda") or (os.cpu_count() or 1) > torch.get_num_threads()
     writer = ShardWriter(depth=2 * len(jobs) + 4, threaded=threaded)
+    log.info("writing with %s I/O on %s", "direct" if direct else "buffered",
+             "a writer thread" if threaded else "the main thread")
     encode = chunk_encoder(params["store"], STORAGE_DTYPES[params["dtype"]].itemsize)
     routers: list[Router] = []
     batch: dict[str, Any] = {}
@@ -256,7 +264,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
 
     for i, j in enumerate(jobs):
         j.array_dir = root / f"layer_{j.layer:02d}" / j.site
-        routers.append(Router(j, pool, writer, encode))
+        routers.append(Router(j, pool, writer, encode, direct))
         handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, i=i: route(i, x)))
     handles.append(S.attach_stop(layer_mods[max(j.layer for j in jobs)]))
     bs = params["batch_size"]

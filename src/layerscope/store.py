@@ -67,7 +67,12 @@ def make_layout(rows: int, width: int, itemsize: int, parts: int, chunk_mib: flo
     """Chunks of about ``chunk_mib``, shards of about ``shard_mib``, parts that are whole shards."""
     per_part = max(1, math.ceil(rows / parts))
     row_bytes = width * itemsize
-    chunk = max(1, min(int(chunk_mib * MIB // row_bytes), per_part))
+    chunk = max(1, int(chunk_mib * MIB // row_bytes))
+    # Whole 4 KiB blocks per chunk where the size allows, so chunks can go to disk with O_DIRECT.
+    step = 4096 // math.gcd(row_bytes, 4096)
+    if chunk >= step:
+        chunk -= chunk % step
+    chunk = min(chunk, per_part)
     shard_chunks = max(1, min(int(shard_mib * MIB // row_bytes) // chunk, math.ceil(per_part / chunk)))
     shard = shard_chunks * chunk
     part_rows = math.ceil(per_part / shard) * shard
