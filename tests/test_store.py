@@ -165,3 +165,52 @@ def test_open_refuses_unfinished_run(tmp_path):
     (tmp_path / "metadata.json").write_text(json.dumps({}))
     with pytest.raises(IncompleteRunError, match="store"):
         layerscope.open(tmp_path)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "blosc"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reader_paths_agree(tmp_path, model_factory, compression, dtype):
+    """Uncompressed arrays are read from the shard files directly, compressed ones through zarr:
+    both give exactly what zarr-python reads."""
+    from layerscope.reader import Activations, bf16_to_float32
+
+    m = model_factory("llama-tiny")
+    ds = prepare_texts(tmp_path, m)
+    small = dict(chunk_mib=172 * 2 * 8 / 2**20, shard_mib=172 * 2 * 24 / 2**20, compression=compression)
+    params = make_params({0: {"sites": ["mlp_act"], "positions": "all"}, 1: {"sites": ["resid_post"], "positions": "last"}},
+                         dtype=dtype, parts=2, **small)
+    root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
+    offsets = np.load(tmp_path / "dataset" / "offsets.npy")
+    for key in ("layer_00/mlp_act", "layer_01/resid_post"):
+        z = zarr.open_array(str(root / key), mode="r")
+        want = z[:]
+        if dtype == "bfloat16":
+            want = bf16_to_float32(want)
+        acts = Activations(z, offsets, 0, len(offsets) - 1, array_dir=root / key)
+        assert (acts._direct is not None) == (compression == "none")
+        np.testing.assert_array_equal(acts.numpy(), want)
+        idx = np.array([len(acts) - 1, 0, 2, 2])
+        rows = [acts.row_range[0] + i for i in idx] if acts.positions == "last" else [int(offsets[i]) for i in idx]
+        np.testing.assert_array_equal(acts.take(rows), want[rows])
+        np.testing.assert_array_equal(acts[3], want[offsets[3]:offsets[4]] if acts.positions == "all" else want[3])
+
+
+def test_overlapped_writes_equal_synchronous_writes(tmp_path, model_factory, monkeypatch):
+    """Writer thread or not, O_DIRECT or not: the same store, byte for byte."""
+    from layerscope import capture as cap
+
+    m = model_factory("llama-tiny")
+    ds = prepare_texts(tmp_path, m)
+    params = make_params({L: {"sites": ["resid_post", "mlp_act"], "positions": "all"} for L in range(3)},
+                         dtype="float16", parts=2, chunk_mib=172 * 2 * 8 / 2**20, shard_mib=172 * 2 * 24 / 2**20)
+    stores = {}
+    for threaded in (False, True):
+        for direct in (False, True):
+            monkeypatch.setattr(cap.os, "cpu_count", lambda: 64 if threaded else 1)
+            monkeypatch.setattr(cap, "direct_io_supported", lambda root, d=direct: d)
+            root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds, name=f"t{threaded}d{direct}")
+            stores[(threaded, direct)] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("c/*/*"))}
+    base = stores[(False, False)]
+    assert len(base) >= 6
+    for key, files in stores.items():
+        assert files == base, key

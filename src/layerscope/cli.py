@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -74,4 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LayerScopeError as e:
         print(f"layerscope: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head` closed the pipe: not an error
+        sys.stdout = open(os.devnull, "w")
     return 0

@@ -78,6 +78,12 @@ def direct_io_supported(directory: str | os.PathLike) -> bool:
         probe.unlink(missing_ok=True)
 
 
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+
+
 class ShardFile:
     """One shard being streamed to disk; call ``append`` per inner chunk, then ``close``.
 
@@ -109,17 +115,23 @@ class ShardFile:
         self._staging: np.ndarray | None = None
 
     def _write(self, data: Any, pad_front: bool = False) -> int:
-        """Write ``data`` at the current offset; returns the bytes the file grew by."""
+        """Write ``data`` zero-padded to whole blocks at the current offset; returns the bytes written.
+
+        Buffered and direct writes lay out the file identically, so a store's bytes do not
+        depend on whether its file system supports O_DIRECT.
+        """
         view = memoryview(data).cast("B")
         n = view.nbytes
-        if not self.direct:
-            os.write(self.fd, view)
-            return n
+        size = _round_up(n)
         arr = np.frombuffer(view, dtype=np.uint8)
-        if arr.ctypes.data % ALIGN == 0 and n % ALIGN == 0:
+        if not self.direct:
+            pad = bytes(size - n)
+            for part in ((pad, view) if pad_front else (view, pad)):
+                _write_all(self.fd, part)
+            return size
+        if arr.ctypes.data % ALIGN == 0 and n == size:
             out = arr
-        else:  # stage into aligned memory, zero-padded to whole blocks
-            size = _round_up(n)
+        else:  # stage into aligned memory
             if self._staging is None or self._staging.nbytes < size:
                 self._staging = aligned_empty(size)
             out = self._staging[:size]
@@ -128,10 +140,8 @@ class ShardFile:
                 out[size - n:] = arr
             else:
                 out[:n] = arr
-        written = 0
-        while written < out.nbytes:
-            written += os.write(self.fd, out[written:])
-        return out.nbytes
+        _write_all(self.fd, out)
+        return size
 
     def append(self, chunk: np.ndarray) -> None:
         data = self.encode(chunk)
