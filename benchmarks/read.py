@@ -43,7 +43,7 @@ def write_array(d: Path, data: np.ndarray, positions: str) -> Path:
     d.mkdir(parents=True)
     attrs = {"layer": 0, "site": "resid_post", "positions": positions, "parts": 1}
     (d / "zarr.json").write_bytes(array_metadata(lay, "float16", STORE, attrs, ("row", "hidden")))
-    w = ShardWriter(threaded=False)
+    w = ShardWriter(threads=0)
     r = Router(ArrayJob(0, "resid_post", positions, lay, 0, lay.rows, array_dir=d), BufferPool(torch.float16, False),
                w, chunk_encoder(STORE, 2))
     step = 65536

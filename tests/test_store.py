@@ -81,19 +81,19 @@ def test_router_writes_each_shard_whole_and_once(tmp_path, monkeypatch, batch, c
     assert not [p for p in array_dir.rglob("*") if ".tmp-" in p.name]
 
 
-@pytest.mark.parametrize("threaded", [True, False])
-def test_writer_runs_in_order(threaded):
-    out = []
-    w = ShardWriter(depth=2, threaded=threaded)
-    for i in range(50):
-        w.submit(lambda i=i: out.append(i))
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_writer_runs_in_order_per_lane(threads):
+    out: dict[int, list[int]] = {0: [], 1: [], 2: [], 3: []}
+    w = ShardWriter(depth=2, threads=threads)
+    for i in range(200):
+        w.submit(lambda i=i: out[i % 4].append(i), lane=i % 4)
     w.close()
-    assert out == list(range(50))
+    assert all(out[k] == list(range(k, 200, 4)) for k in out)
 
 
 @pytest.mark.parametrize("threaded", [True, False])
 def test_writer_error_fails_promptly(threaded):
-    w = ShardWriter(depth=1, threaded=threaded)
+    w = ShardWriter(depth=1, threads=2 if threaded else 0)
 
     def boom():
         raise OSError("disk full")
@@ -109,11 +109,12 @@ def test_writer_error_fails_promptly(threaded):
             w2.close()
 
 
-@pytest.mark.parametrize("threaded", [True, False])
-def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monkeypatch, threaded):
+@pytest.mark.parametrize("mode", ["inline", "direct", "threads"])
+def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monkeypatch, mode):
     from layerscope import capture as cap
 
-    monkeypatch.setattr(cap.os, "cpu_count", lambda: 64 if threaded else 1)
+    monkeypatch.setattr(cap.os, "cpu_count", lambda: 64 if mode == "threads" else 1)
+    monkeypatch.setattr(cap, "direct_io_supported", lambda root: mode == "direct")
 
     m = model_factory("llama-tiny")
     ds = prepare_texts(tmp_path, m)
@@ -204,13 +205,13 @@ def test_overlapped_writes_equal_synchronous_writes(tmp_path, model_factory, mon
     params = make_params({L: {"sites": ["resid_post", "mlp_act"], "positions": "all"} for L in range(3)},
                          dtype="float16", parts=2, chunk_mib=172 * 2 * 8 / 2**20, shard_mib=172 * 2 * 24 / 2**20)
     stores = {}
-    for threaded in (False, True):
-        for direct in (False, True):
-            monkeypatch.setattr(cap.os, "cpu_count", lambda: 64 if threaded else 1)
-            monkeypatch.setattr(cap, "direct_io_supported", lambda root, d=direct: d)
-            root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds, name=f"t{threaded}d{direct}")
-            stores[(threaded, direct)] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("c/*/*"))}
-    base = stores[(False, False)]
+    # buffered inline and O_DIRECT on threads (a CPU-bound capture), buffered on threads (spare cores)
+    for mode in ("inline", "direct", "threads"):
+        monkeypatch.setattr(cap.os, "cpu_count", lambda: 64 if mode == "threads" else 1)
+        monkeypatch.setattr(cap, "direct_io_supported", lambda root: mode == "direct")
+        root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds, name=mode)
+        stores[mode] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("c/*/*"))}
+    base = stores["inline"]
     assert len(base) >= 6
     for key, files in stores.items():
         assert files == base, key

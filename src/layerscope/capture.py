@@ -1,7 +1,8 @@
 """A capture job: run the model over one part of the examples and write one group of layers.
 
-The forward pass stops after the highest layer the job needs. Rows go into per-array shard
-buffers; each full shard is handed to a background writer and written whole, once.
+The forward pass stops after the highest layer the job needs. Forward hooks copy rows into
+per-array chunk buffers; each full chunk goes to a writer thread that streams it into its
+shard file, which is renamed into place once complete (see shards.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from layerscope.writer import ShardWriter
 
 log = logging.getLogger("layerscope.capture")
 
+WRITER_THREADS = 4
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -98,8 +100,9 @@ class Router:
     hands each full chunk to the writer thread, which streams it into its shard file; the
     forward pass never waits on the disk, and memory holds about one chunk per array."""
 
-    def __init__(self, job: ArrayJob, pool: BufferPool, writer: ShardWriter, encode, direct: bool = False) -> None:
-        self.j, self.pool, self.writer, self.encode, self.direct = job, pool, writer, encode, direct
+    def __init__(self, job: ArrayJob, pool: BufferPool, writer: ShardWriter, encode, direct: bool = False,
+                 lane: int = 0) -> None:
+        self.j, self.pool, self.writer, self.encode, self.direct, self.lane = job, pool, writer, encode, direct, lane
         self.cuda = pool.pin
         self.buf: torch.Tensor | None = None
         self.chunk = -1
@@ -122,12 +125,12 @@ class Router:
             sf.append(as_storage_numpy(buf))
             pool.release(buf)
 
-        self.writer.submit(write)
+        self.writer.submit(write, self.lane)
         self.buf = None
         chunk_end = (self.chunk + 1) * lay.chunk_rows
         shard = self.chunk * lay.chunk_rows // lay.shard_rows
         if chunk_end % lay.shard_rows == 0 or min(chunk_end, lay.rows) >= j.r1:
-            self.writer.submit(sf.close)
+            self.writer.submit(sf.close, self.lane)
             j.written.append(shard)
             self.shard_file = None
 
@@ -238,15 +241,17 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
     layer_mods = S.decoder_layers(model, manifest["model"]["num_layers"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pool = BufferPool(TORCH_DTYPES[params["dtype"]], pin=dev.startswith("cuda"))
-    # Room for a burst of one chunk per array (they fill in step) plus a few. A writer thread
-    # overlaps the disk with the model when writing costs it no processor time: with O_DIRECT
-    # (DMA), with a GPU, or when torch leaves cores free. Buffered writes on a CPU whose cores
-    # all run matrix products only slow them down (measured: benchmarks/capture.py).
-    direct = direct_io_supported(root)
-    threaded = direct or dev.startswith("cuda") or (os.cpu_count() or 1) > torch.get_num_threads()
-    writer = ShardWriter(depth=2 * len(jobs) + 4, threaded=threaded)
-    log.info("writing with %s I/O on %s", "direct" if direct else "buffered",
-             "a writer thread" if threaded else "the main thread")
+    # Writer threads overlap the disk with the model. Where torch keeps every core busy (a CPU
+    # capture), writes must cost it no processor time: O_DIRECT lets the disk copy by DMA, and
+    # without it buffered writes go inline, since on a thread they stall the matrix products
+    # (benchmarks/capture.py). With a GPU or spare cores, buffered writes on threads let the
+    # page cache absorb bursts. Each array keeps to one thread, so its chunks reach its shard
+    # file in order; each lane has room for a burst of one chunk per array plus a few.
+    cpu_bound = not dev.startswith("cuda") and (os.cpu_count() or 1) <= torch.get_num_threads()
+    direct = cpu_bound and direct_io_supported(root)
+    threads = min(WRITER_THREADS, len(jobs)) if direct or not cpu_bound else 0
+    writer = ShardWriter(depth=2 * math.ceil(len(jobs) / max(threads, 1)) + 4, threads=threads)
+    log.info("writing with %s I/O on %d writer thread(s)", "direct" if direct else "buffered", threads)
     encode = chunk_encoder(params["store"], STORAGE_DTYPES[params["dtype"]].itemsize)
     routers: list[Router] = []
     batch: dict[str, Any] = {}
@@ -264,7 +269,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
 
     for i, j in enumerate(jobs):
         j.array_dir = root / f"layer_{j.layer:02d}" / j.site
-        routers.append(Router(j, pool, writer, encode, direct))
+        routers.append(Router(j, pool, writer, encode, direct, lane=i))
         handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, i=i: route(i, x)))
     handles.append(S.attach_stop(layer_mods[max(j.layer for j in jobs)]))
     bs = params["batch_size"]
