@@ -17,7 +17,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
-from layerscope.errors import ConfigError
+from layerscope.errors import ConfigError, ModelError
 from layerscope.models import Dims, ModelRef, dims_from_config, parse_ref, peek_config
 
 SITES = ("resid_post", "attn_out", "mlp_out", "mlp_act")
@@ -156,15 +156,12 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
                           "set dataset.format to jsonl or csv")
     if not cfg["dataset"]["name"]:
         cfg["dataset"]["name"] = data.stem
-    from layerscope.errors import ModelError
-
     try:
-        model = parse_ref(cfg["model"], base, "model")
-        adapter = parse_ref(cfg["adapter"], base, "adapter") if cfg["adapter"] else None
-        if model.kind == "local" and not Path(model.name).is_dir():
-            raise ConfigError(f"config error: model.id: local directory {model.name} does not exist")
-        if adapter is not None and adapter.kind == "local" and not Path(adapter.name).is_dir():
-            raise ConfigError(f"config error: adapter.id: local directory {adapter.name} does not exist")
+        model = parse_ref(cfg["model"], base)
+        adapter = parse_ref(cfg["adapter"], base) if cfg["adapter"] else None
+        for key, ref in (("model", model), ("adapter", adapter)):
+            if ref is not None and ref.kind == "local" and not Path(ref.name).is_dir():
+                raise ConfigError(f"config error: {key}.id: local directory {ref.name} does not exist")
         if adapter is not None and adapter.kind == "builtin" and adapter.name != "lora":
             raise ConfigError(f"config error: adapter.id: unknown built-in adapter 'builtin:{adapter.name}' "
                               "(choose builtin:lora)")

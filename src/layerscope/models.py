@@ -38,7 +38,7 @@ class ModelRef:
         return {"builtin": f"builtin:{self.name}", "local": self.name, "hub": self.name}[self.kind]
 
 
-def parse_ref(spec: dict[str, Any], base_dir: str | os.PathLike = ".", key: str = "model") -> ModelRef:
+def parse_ref(spec: dict[str, Any], base_dir: str | os.PathLike = ".") -> ModelRef:
     """Turn a ``model:``/``adapter:`` config mapping into a ModelRef."""
     ident = spec["id"]
     if ident.startswith("builtin:"):

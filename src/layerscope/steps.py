@@ -40,7 +40,7 @@ def fetch_model(model: dict, adapter: dict | None, hub_cache: str | None, layers
     check_layers_against(layers, m["num_layers"], m["id"])
     a = None
     if adapter:
-        aref = parse_ref(adapter, os.getcwd(), "adapter")
+        aref = parse_ref(adapter, os.getcwd())
         log.info("fetching adapter %s", aref.label)
         a = fetch(aref, adapter_dir, hub_cache, what="adapter", base_dir=m["path"])
     manifest = {"model": m, "adapter": a}
