@@ -20,7 +20,8 @@ HOSTILE = "</script><script>alert(1)</script>"
 def summary(heatmap=True, neurons=True) -> dict:
     texts = ["Hello", " world", HOSTILE, "<b>", "&amp;", "\n", "🙂", ""]
     docs = [{"id": "doc<1>", "split": "EM&", "toks": [0, 1, 2, 3, 4]},
-            {"id": HOSTILE, "split": "Neutral", "toks": [5, 6, 7, 0]}]
+            {"id": HOSTILE, "split": "Neutral", "toks": [5, 6, 7, 0]},
+            {"id": "window", "split": "EM&", "start": 40, "toks": [6, 0, 1]}]
     s = {"title": f"run {HOSTILE}", "meta": {"model": "<b>m</b>", "examples": 2, "revision": None},
          "texts": texts, "docs": docs, "heatmap": None, "neurons": None}
     if heatmap:
@@ -31,7 +32,7 @@ def summary(heatmap=True, neurons=True) -> dict:
         s["neurons"] = {"site": "mlp_act", "k": 2, "context": 2, "layers": {
             "3": {"ids": [5, 9], "top": [[[0, 2, 1.25], [1, 1, 0.5]], [[1, 3, 0.75]]],
                   "bottom": [[[0, 4, -2.5], [1, 0, -0.125]], [[0, 0, -0.01]]]},
-            "0": {"ids": [1], "top": [[[0, 0, 3.0]]], "bottom": [[[0, 1, -3.0]]]}}}
+            "0": {"ids": [1], "top": [[[2, 1, 3.0]]], "bottom": [[[0, 1, -3.0]]]}}}
     return s
 
 
@@ -133,7 +134,8 @@ def test_page_behaviour_in_a_dom(tmp_path):
     assert out["header_tokens"][:8] == ["layer", "Hello", " world", HOSTILE, "<b>", "&amp;", "L0", "L3"]
     # neurons: layers sorted, positive red, negative blue, exact value on focus
     assert out["layers"] == ["Layer 0", "Layer 3"]
-    assert out["top_focus"].endswith(": 3") and out["top_tabindex"] == "0"
+    # a window of an example reports the position in the whole example
+    assert out["top_focus"] == '"Hello" in window (EM&), position 41: 3' and out["top_tabindex"] == "0"
     assert out["top_bg"].startswith("rgb(220, 40, 40)") and out["bottom_bg"].startswith("rgb(40, 90, 220)")
     assert out["neurons"] == 1
 

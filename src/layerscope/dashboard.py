@@ -1,7 +1,7 @@
 """One self-contained HTML dashboard: inline CSS and JS, data embedded once as JSON, no network.
 
 The summary dict (see summaries.summarize) holds ``title``, ``meta``, ``texts`` (distinct
-token strings), ``docs`` ({id, split, toks}), ``heatmap`` (residual-stream norms per doc x
+token strings), ``docs`` ({id, split, toks, start}: tokens ``start``.. of an example), ``heatmap`` (residual-stream norms per doc x
 layer x token) and ``neurons`` (top/bottom [doc, pos, value] per neuron per layer). The page
 builds every element with textContent, never innerHTML, so no string from a model or a data
 set can become markup.
@@ -140,7 +140,7 @@ if (!N || !Object.keys(N.layers).length) { $('neuron-panel').hidden = true; } el
         const a = v === null || scale === 0 ? 0 : Math.min(1, Math.abs(v) / scale);
         s.style.background = v >= 0 ? 'rgba(220,40,40,' + a.toFixed(3) + ')' : 'rgba(40,90,220,' + a.toFixed(3) + ')';
         s.classList.add('target');
-        const msg = JSON.stringify(t) + ' in ' + doc.id + ' (' + doc.split + '), position ' + pos + ': ' + fmt(v);
+        const msg = JSON.stringify(t) + ' in ' + doc.id + ' (' + doc.split + '), position ' + ((doc.start || 0) + pos) + ': ' + fmt(v);
         s.setAttribute('tabindex', '0'); s.setAttribute('title', msg); s.setAttribute('aria-label', msg);
         s.addEventListener('focus', () => say(msg)); s.addEventListener('mouseenter', () => say(msg));
       }

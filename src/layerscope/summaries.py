@@ -64,23 +64,30 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
     run = Run(run_dir)
     md = run.metadata
     tokenizer = load_tokenizer(read_json(run.path / "model" / "manifest.json"), trust_remote_code)
-    doc_index: dict[int, int] = {}
+    doc_index: dict[tuple[int, int, int], int] = {}
     docs: list[dict[str, Any]] = []
     texts: list[str] = []
     text_index: dict[str, int] = {}
+    token_cache: dict[int, list[int]] = {}
 
-    def doc(e: int) -> int:
-        if e not in doc_index:
-            ex = run.examples[e]
+    def doc(e: int, start: int = 0, end: int | None = None) -> int:
+        """Index of the doc holding tokens [start, end) of example e (the whole example by default).
+        Neuron entries keep only their context window, so the page stays small for long examples."""
+        if e not in token_cache:
             toks = []
             for t in token_texts(tokenizer, run.tokens(e)):
                 if t not in text_index:
                     text_index[t] = len(texts)
                     texts.append(t)
                 toks.append(text_index[t])
-            doc_index[e] = len(docs)
-            docs.append({"id": ex["id"], "split": ex["split"], "toks": toks})
-        return doc_index[e]
+            token_cache[e] = toks
+        toks = token_cache[e]
+        key = (e, start, len(toks) if end is None else end)
+        if key not in doc_index:
+            ex = run.examples[e]
+            doc_index[key] = len(docs)
+            docs.append({"id": ex["id"], "split": ex["split"], "start": start, "toks": toks[key[1]:key[2]]})
+        return doc_index[key]
 
     heatmap = None
     resid_layers = [L for L, s in run.arrays if s == "resid_post"
@@ -116,7 +123,9 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
                         pos = int(r - run.offsets[e])
                     else:
                         e, pos = int(r), int(run.offsets[r + 1] - run.offsets[r] - 1)
-                    out.append([doc(e), pos, _finite(v)])
+                    n_tok = int(run.offsets[e + 1] - run.offsets[e])
+                    w0, w1 = max(0, pos - context), min(n_tok, pos + context + 1)
+                    out.append([doc(e, w0, w1), pos - w0, _finite(v)])
                 return out
 
             layers_out[str(L)] = {"ids": [int(n) for n in ids], "top": [entries(top_v, top_r, n) for n in ids],
