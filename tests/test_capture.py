@@ -98,3 +98,19 @@ def test_forward_stops_after_highest_needed_layer(tmp_path, model_factory, monke
     params = make_params({1: {"sites": ["resid_post"], "positions": "last"}}, parts=1)
     capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
     assert calls and set(calls) == {0, 1}  # layers 2 and 3 never ran
+
+
+def test_more_parts_than_examples(tmp_path, model_factory):
+    m = model_factory("llama-tiny")
+    manifest = {"model": m, "adapter": None}
+    ds = prepare_texts(tmp_path, m, texts=["one two", "three", "four five six"])
+    params = make_params({0: {"sites": ["resid_post"], "positions": "last"},
+                          1: {"sites": ["mlp_act"], "positions": "all"}}, parts=5)
+    root = capture_store(tmp_path, manifest, params, ds)
+    ref = reference(manifest, ds)
+    got, _ = read(root, 0, "resid_post")
+    np.testing.assert_allclose(got, np.stack([r[-1] for r in ref[(0, "resid_post")]]), rtol=1e-4, atol=1e-4)
+    got, _ = read(root, 1, "mlp_act")
+    np.testing.assert_allclose(got, np.concatenate(ref[(1, "mlp_act")]), rtol=1e-4, atol=1e-4)
+    for p in range(5):  # every part, empty or not, leaves its completion marker
+        assert (root / "layer_00" / "resid_post" / "parts" / f"{p}.json").is_file()
