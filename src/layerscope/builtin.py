@@ -24,6 +24,13 @@ SPECS: dict[str, dict[str, Any]] = {
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
     "gpt2-tiny": dict(arch="gpt2", hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=4, vocab_size=512),
+    # OPT: fc1/fc2 sit on the decoder layer itself (no MLP submodule); pre-LN like OPT-125m.
+    "opt-tiny": dict(arch="opt", hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=4, vocab_size=512),
+    # Mixtral: a sparse mixture-of-experts MLP (4 experts, 2 per token).
+    "mixtral-tiny": dict(arch="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512, num_local_experts=4,
+                         num_experts_per_tok=2),
 }
 
 CHAT_TEMPLATE = (
@@ -63,17 +70,24 @@ def hf_config_dict(name: str) -> dict[str, Any]:
 
 
 def _hf_config(s: dict[str, Any]):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MixtralConfig, OPTConfig, Qwen2Config
 
     common = dict(bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
     if s["arch"] == "gpt2":
         return GPT2Config(vocab_size=s["vocab_size"], n_embd=s["hidden_size"], n_layer=s["num_hidden_layers"],
                           n_head=s["num_attention_heads"], n_inner=s["intermediate_size"], n_positions=1024,
                           **common)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[s["arch"]]
+    if s["arch"] == "opt":
+        return OPTConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], ffn_dim=s["intermediate_size"],
+                         num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+                         word_embed_proj_dim=s["hidden_size"], do_layer_norm_before=True, enable_bias=True,
+                         max_position_embeddings=2048, **common)
+    extra = ({"num_local_experts": s["num_local_experts"], "num_experts_per_tok": s["num_experts_per_tok"]}
+             if s["arch"] == "mixtral" else {})
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mixtral": MixtralConfig}[s["arch"]]
     return cls(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
                num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
-               num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=2048, **common)
+               num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=2048, **extra, **common)
 
 
 def train_tokenizer(vocab_size: int):
