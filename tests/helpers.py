@@ -67,14 +67,23 @@ def reference(manifest: dict, dataset_dir: Path) -> dict[tuple[int, str], list[n
     out: dict[tuple[int, str], list[np.ndarray]] = {}
     got: dict[str, torch.Tensor] = {}
     hooks = []
+    sites = ["attn_out", "mlp_out", "mlp_act"]
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None) or getattr(layer, "attn")
-        mlp = layer.mlp
-        down = getattr(mlp, "down_proj", None) or getattr(mlp, "c_proj")
         hooks.append(attn.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"{i}/attn_out", o[0])))
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:  # OPT: fc1 -> activation -> fc2 on the layer itself, no MLP module
+            mlp = down = layer.fc2
+        elif isinstance(getattr(mlp, "experts", None), torch.nn.Module):  # sparse MoE: no single set of neurons
+            down = None
+            sites = ["attn_out", "mlp_out"]
+        else:
+            down = getattr(mlp, "down_proj", None) or getattr(mlp, "c_proj")
         hooks.append(mlp.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"{i}/mlp_out", o)))
-        hooks.append(down.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(f"{i}/mlp_act", a[0])))
-    final_norm = [m for name, m in base_model(model).named_modules() if name.endswith(("model.norm", "ln_f"))][0]
+        if down is not None:
+            hooks.append(down.register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(f"{i}/mlp_act", a[0])))
+    final_norm = [m for name, m in base_model(model).named_modules()
+                  if name.endswith(("model.norm", "ln_f", "decoder.final_layer_norm"))][0]
     hooks.append(final_norm.register_forward_pre_hook(lambda m, a: got.__setitem__("pre_norm", a[0])))
     with torch.no_grad():
         for e in range(len(offsets) - 1):
@@ -85,8 +94,14 @@ def reference(manifest: dict, dataset_dir: Path) -> dict[tuple[int, str], list[n
                 # hidden_states[n] is after the final norm; the residual stream itself is its input.
                 resid = hs[i + 1] if i < n - 1 else got["pre_norm"]
                 out.setdefault((i, "resid_post"), []).append(resid[0].float().numpy())
-                for s in ("attn_out", "mlp_out", "mlp_act"):
-                    out.setdefault((i, s), []).append(got[f"{i}/{s}"][0].float().numpy())
+                # One example, unpadded: [1, tokens, width], or [tokens, width] where the model
+                # flattens the tokens (OPT's MLP).
+                site = {s: got[f"{i}/{s}"].reshape(-1, got[f"{i}/{s}"].shape[-1]) for s in sites}
+                for s in sites:
+                    out.setdefault((i, s), []).append(site[s].float().numpy())
+                # The sites decompose the residual stream: each layer adds attn_out, then mlp_out.
+                torch.testing.assert_close(hs[i][0] + site["attn_out"] + site["mlp_out"], resid[0],
+                                           atol=1e-5, rtol=1e-5)
             assert torch.allclose(final_norm(got["pre_norm"]), hs[n], atol=1e-5)
     for h in hooks:
         h.remove()

@@ -5,11 +5,17 @@ Sites, per decoder layer:
   attn_out    output of the attention block (after its output projection)
   mlp_out     output of the MLP block
   mlp_act     input of the MLP's down projection (the MLP's neurons)
+
+Architectures whose MLP is not a submodule (OPT, XGLM: ``fc1``/``fc2`` straight on the decoder
+layer) take the MLP's output from ``fc2`` and its neurons from ``fc2``'s input. A sparse
+mixture-of-experts MLP (Mixtral, Qwen-MoE, ...) has an output (mlp_out) but no single set of
+neurons: every expert has its own, and each token passes through only a few experts, so
+mlp_act is refused for it, at config time by ``check_sites`` and at capture time by ``attach``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -17,8 +23,44 @@ from torch import nn
 from layerscope.errors import ModelError
 
 ATTN_NAMES = ("self_attn", "attn", "self_attention", "attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "fc_out")
+# MLP projections that some architectures (OPT, XGLM) put straight on the decoder layer.
+LAYER_UP_NAMES = ("fc1",)
+LAYER_DOWN_NAMES = ("fc2",)
+# Sparse mixture-of-experts models whose model_type does not say "moe".
+MOE_MODEL_TYPES = frozenset({
+    "mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss", "jamba", "llama4", "llama4_text", "minimax",
+    "qwen3_next", "dots1", "longcat_flash", "flex_olmo",
+})
+SPARSE_MOE_HINT = "use mlp_out or resid_post"
+
+
+def is_sparse_moe(model_type: str, architecture: str) -> bool:
+    """Whether config.json's model_type / architecture names a sparse mixture-of-experts model."""
+    mt, arch = model_type.lower(), architecture.lower()
+    return mt in MOE_MODEL_TYPES or "moe" in mt or "moe" in arch
+
+
+def check_sites(model_type: str, architecture: str, sites: Iterable[str], key: str = "capture.sites") -> str | None:
+    """The one-line problem with capturing ``sites`` (the value of config key ``key``) on this
+    architecture, or None when every site is defined for it. Needs only config.json facts."""
+    if "mlp_act" in sites and is_sparse_moe(model_type, architecture):
+        return (f"{key}: mlp_act is not defined for {model_type} (a sparse mixture-of-experts MLP: "
+                f"each expert has its own neurons); {SPARSE_MOE_HINT}")
+    return None
+
+
+def check_capture(model_type: str, architecture: str, capture: dict[str, Any]) -> str | None:
+    """``check_sites`` for the ``capture:`` config section: capture.sites and every override's sites."""
+    lists = [("capture.sites", capture.get("sites") or [])]
+    lists += [(f"capture.overrides.{k}.sites", o["sites"]) for k, o in (capture.get("overrides") or {}).items()
+              if "sites" in o]
+    for key, sites in lists:
+        problem = check_sites(model_type, architecture, sites, key)
+        if problem:
+            return problem
+    return None
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -50,6 +92,54 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def _optional(parent: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for n in names:
+        m = getattr(parent, n, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+def _is_sparse_moe_module(mlp: nn.Module) -> bool:
+    # Every sparse MoE block in transformers (and in common remote code) keeps its experts in
+    # ``experts``: a ModuleList of MLPs, or one module holding stacked [expert, ...] weights.
+    return isinstance(getattr(mlp, "experts", None), nn.Module)
+
+
+class _Handles:
+    """Several hook handles removed as one, so that ``attach`` always returns one handle."""
+
+    def __init__(self, *handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _layer_mlp_hook(layer_module: nn.Module, down: nn.Module, site: str, sink: Callable[[torch.Tensor], None]):
+    """Hook an MLP down projection that sits on the decoder layer (OPT's ``fc2``).
+
+    OPT runs its MLP on the tokens flattened to [batch * seq, width]; the layer's own input
+    gives back the [batch, seq] shape that ``sink`` expects.
+    """
+    shape: list[torch.Size] = []
+
+    def remember(m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        shape[:] = [x.shape[:-1]]
+
+    def unflatten(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*shape[0], x.shape[-1]) if x.dim() == 2 else x
+
+    pre = layer_module.register_forward_pre_hook(remember, with_kwargs=True)
+    if site == "mlp_out":
+        h = down.register_forward_hook(lambda m, a, o: sink(unflatten(o)))
+    else:
+        h = down.register_forward_pre_hook(lambda m, a: sink(unflatten(a[0])))
+    return _Handles(pre, h)
+
+
 def attach(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None]):
     """Register a hook that passes the site's [batch, seq, width] tensor to ``sink``; returns the handle."""
     if site == "resid_post":
@@ -57,13 +147,22 @@ def attach(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch
     if site == "attn_out":
         mod = _child(layer_module, ATTN_NAMES, "attention", layer)
         return mod.register_forward_hook(lambda m, a, o: sink(_first(o)))
-    mlp = _child(layer_module, MLP_NAMES, "MLP", layer)
+    if site not in ("mlp_out", "mlp_act"):
+        raise ModelError(f"unknown site {site!r}")
+    mlp = _optional(layer_module, MLP_NAMES)
+    if mlp is None:
+        down = _optional(layer_module, LAYER_DOWN_NAMES)
+        if down is not None and _optional(layer_module, LAYER_UP_NAMES) is not None:
+            return _layer_mlp_hook(layer_module, down, site, sink)
+        mlp = _child(layer_module, MLP_NAMES, "MLP", layer)  # raises, naming what was looked for
     if site == "mlp_out":
+        # A sparse MoE block may return (hidden, router_logits): the first element is its output.
         return mlp.register_forward_hook(lambda m, a, o: sink(_first(o)))
-    if site == "mlp_act":
-        down = _child(mlp, DOWN_NAMES, "MLP down projection", layer)
-        return down.register_forward_pre_hook(lambda m, a: sink(a[0]))
-    raise ModelError(f"unknown site {site!r}")
+    if _is_sparse_moe_module(mlp):
+        raise ModelError(f"layer {layer}: mlp_act is not defined for {type(mlp).__name__} (a sparse "
+                         f"mixture-of-experts MLP: each expert has its own neurons); {SPARSE_MOE_HINT}")
+    down = _child(mlp, DOWN_NAMES, "MLP down projection", layer)
+    return down.register_forward_pre_hook(lambda m, a: sink(a[0]))
 
 
 class StopForward(Exception):
