@@ -117,3 +117,30 @@ def test_more_parts_than_examples(tmp_path, model_factory):
     np.testing.assert_allclose(got, np.concatenate(ref[(1, "mlp_act")]), rtol=1e-4, atol=1e-4)
     for p in range(5):  # every part, empty or not, leaves its completion marker
         assert (root / "layer_00" / "resid_post" / "parts" / f"{p}.json").is_file()
+
+
+def test_moe_mlp_act_refused_at_capture_time(tmp_path, model_factory):
+    # The config check refuses this first; a model it cannot recognise (remote code) stops here.
+    from layerscope.errors import ModelError
+
+    m = model_factory("mixtral-tiny")
+    ds = prepare_texts(tmp_path, m)
+    params = make_params({0: {"sites": ["mlp_act"], "positions": "last"}}, parts=1)
+    with pytest.raises(ModelError, match=r"^layer 0: mlp_act is not defined for MixtralSparseMoeBlock \(a sparse "
+                                         r"mixture-of-experts MLP: each expert has its own neurons\); use mlp_out"):
+        capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
+
+
+def test_opt_mlp_hooks_leave_no_trace(model_factory):
+    # OPT's MLP sites hook fc2 and the layer itself (for the [batch, seq] shape); removal takes both.
+    from layerscope.models import load_model
+    from layerscope.sites import attach, decoder_layers
+
+    m = model_factory("opt-tiny")
+    model, _ = load_model({"model": m, "adapter": None})
+    layer = decoder_layers(model, m["num_layers"])[1]
+    handles = [attach(layer, 1, s, lambda x: None) for s in ("mlp_out", "mlp_act")]
+    assert layer._forward_pre_hooks and layer.fc2._forward_hooks and layer.fc2._forward_pre_hooks
+    for h in handles:
+        h.remove()
+    assert not (layer._forward_pre_hooks or layer.fc2._forward_hooks or layer.fc2._forward_pre_hooks)
