@@ -131,7 +131,9 @@ def build_model(name: str, seed: int, out_dir: str | os.PathLike) -> Path:
 def lora_targets(model) -> list[str]:
     """Module names a LoRA adapter should wrap on this architecture (attention and MLP projections)."""
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    for cand in (["q_proj", "v_proj", "down_proj"], ["c_attn", "c_proj"]):
+    # OPT's MLP is fc1/fc2 on the layer; Mixtral's experts are stacked weights, not Linear modules.
+    for cand in (["q_proj", "v_proj", "down_proj"], ["q_proj", "v_proj", "fc2"], ["c_attn", "c_proj"],
+                 ["q_proj", "v_proj"]):
         if set(cand) <= names:
             return cand
     raise ModelError(f"no known LoRA target modules in {type(model).__name__}")
