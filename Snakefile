@@ -3,14 +3,19 @@
 #   fetch_model -> prepare_dataset -> capture (layer group x part) -> store -> metadata
 #               -> summarize -> dashboard
 #
-# The config is validated against workflow/schemas/config.schema.yaml before any job runs.
+# The config is validated against workflow/schemas/config.schema.yaml before any job runs, and
+# every key it leaves out takes the schema's documented default.
 
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded demo config applies only when no --configfile is given: Snakemake would merge a
+# user's file on top of it, and the demo's settings would leak into every user run.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -26,7 +31,5 @@ rule all:
     input:
         f"{RESULTS}/metadata.json",
         f"{RESULTS}/dashboard/index.html",
-        # Snakemake does not re-create missing intermediate files when what depends on them is
-        # up to date; naming the per-array markers here makes a deleted array re-run its job.
-        all_markers,
+        missing_markers,
     default_target: True

@@ -40,17 +40,29 @@ def prepare_texts(tmp: Path, model: dict, texts=TEXTS) -> Path:
     return tmp / "dataset"
 
 
-def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, name: str = "store") -> Path:
-    """Run every part of one capture job and finalize the store; return the store root."""
-    import json
+def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, name: str = "store",
+                  layers_per_job: int | None = None) -> Path:
+    """Capture ``params["layers"]`` (as make_params builds it) for every part, as the workflow
+    does: one job per block of ``layers_per_job`` layers (default: one block up to the highest
+    captured layer), chained by boundary files; then finalize the store. Returns the store root."""
+    from layerscope.chain import boundary_path
 
-    mpath = tmp / "manifest.json"
-    mpath.write_text(json.dumps(manifest))
+    layers = {int(k): v for k, v in params["layers"].items()}
+    top = max(layers)
+    n = layers_per_job or top + 1
     root = tmp / f"{name}.zarr"
+    total = manifest["model"]["num_layers"]
     for p in range(params["parts"]):
-        run_capture(mpath, dataset_dir, root, params, p, device="cpu", group="test")
+        for start in range(0, top + 1, n):
+            end = min(start + n, total) - 1
+            captures = [(L, s, v["positions"]) for L, v in sorted(layers.items()) if start <= L <= end
+                        for s in v["sites"]]
+            job = {k: v for k, v in params.items() if k != "layers"} | {"block": [start, end]}
+            run_capture(manifest, dataset_dir, root, job, p, captures, device="cpu", group="test",
+                        boundary_in=boundary_path(tmp / f"{name}-chain", start, p) if start else None,
+                        boundary_out=boundary_path(tmp / f"{name}-chain", end + 1, p) if end < total - 1 else None)
     ids, offsets = load_tokens(dataset_dir)
-    arrays = [(int(L), s) for L, v in params["layers"].items() for s in v["sites"]]
+    arrays = [(L, s, v["positions"]) for L, v in sorted(layers.items()) for s in v["sites"]]
     finalize(root, arrays, params["parts"], ids, offsets, {"run": "test"})
     return root
 

@@ -7,6 +7,7 @@ import pytest
 import zarr
 
 from layerscope.reader import bf16_to_float32
+from layerscope.store import marker_path
 from tests.helpers import capture_store, make_params, prepare_texts, reference
 
 SITES = ["resid_post", "attn_out", "mlp_out", "mlp_act"]
@@ -116,7 +117,7 @@ def test_more_parts_than_examples(tmp_path, model_factory):
     got, _ = read(root, 1, "mlp_act")
     np.testing.assert_allclose(got, np.concatenate(ref[(1, "mlp_act")]), rtol=1e-4, atol=1e-4)
     for p in range(5):  # every part, empty or not, leaves its completion marker
-        assert (root / "layer_00" / "resid_post" / "parts" / f"{p}.json").is_file()
+        assert marker_path(root, 0, "resid_post", p, "last").is_file()
 
 
 def test_moe_mlp_act_refused_at_capture_time(tmp_path, model_factory):

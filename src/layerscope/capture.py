@@ -7,6 +7,7 @@ shard file, which is renamed into place once complete (see shards.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -22,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from layerscope import sites as S
-from layerscope.config import check_layers_against
+from layerscope.chain import Boundary, BoundaryWriter, part_examples
+from layerscope.config import dumps_stable
 from layerscope.dataset import load_tokens
-from layerscope.fileio import read_json
-from layerscope.models import load_model, resolve_device
+from layerscope.errors import ModelError
+from layerscope.models import resolve_device, resolve_dtype
+from layerscope.partial import load_block, weight_bytes
 from layerscope.shards import ShardFile, aligned_empty, chunk_encoder, direct_io_supported
 from layerscope.store import (STORAGE_DTYPES, Layout, array_metadata, make_layout, prepare_array, write_marker)
 from layerscope.writer import ShardWriter
@@ -108,6 +111,10 @@ class Router:
         self.chunk = -1
         self.shard_file: ShardFile | None = None
         self.opened: list[ShardFile] = []  # to remove their temporary files if the job fails
+        # Values stored as NaN/inf, and infinities where the storage dtype's range is narrower than
+        # float32's (float16 overflows silently). Only this array's writer lane updates them.
+        self.nonfinite = self.clipped = 0
+        self.narrow = pool.dtype == torch.float16
 
     def _flush_chunk(self, filled: int) -> None:
         j, buf, sf, pool = self.j, self.buf, self.shard_file, self.pool
@@ -122,6 +129,10 @@ class Router:
         def write() -> None:
             if event is not None:
                 event.synchronize()
+            real = buf[:filled]
+            if not bool(torch.isfinite(real).all()):
+                self.nonfinite += int((~torch.isfinite(real)).sum())
+                self.clipped += int(torch.isinf(real).sum()) if self.narrow else 0
             sf.append(as_storage_numpy(buf))
             pool.release(buf)
 
@@ -156,6 +167,9 @@ class Router:
             if end == min(c0 + cr, j.r1):
                 self._flush_chunk(end - c0)
 
+    def counts(self) -> dict[str, int]:
+        return {"nonfinite": self.nonfinite, "clipped": self.clipped}
+
     def done(self) -> None:
         if self.buf is not None or self.shard_file is not None:
             raise RuntimeError(f"layer {self.j.layer} {self.j.site}: chunk {self.chunk} incomplete at end of job")
@@ -165,60 +179,95 @@ class Router:
             sf.abort()
 
 
-def plan_arrays(params: dict[str, Any], dims: dict[str, Any], n_examples: int, n_tokens: int,
-                part: int) -> list[ArrayJob]:
+def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], dims: dict[str, Any],
+                n_examples: int, n_tokens: int, part: int) -> list[ArrayJob]:
+    """This part's share of every array in ``captures`` ((layer, site, positions) triples)."""
     st = params["store"]
     itemsize = STORAGE_DTYPES[params["dtype"]].itemsize
     jobs = []
-    for key, setting in params["layers"].items():
-        for site in setting["sites"]:
-            pos = setting["positions"]
-            rows = n_examples if pos == "last" else n_tokens
-            width = site_width(site, dims["hidden_size"], dims["intermediate_size"])
-            lay = make_layout(rows, width, itemsize, params["parts"], st["chunk_mib"], st["shard_mib"])
-            r0, r1 = lay.part_range(part)
-            jobs.append(ArrayJob(int(key), site, pos, lay, r0, r1))
+    for layer, site, pos in captures:
+        rows = n_examples if pos == "last" else n_tokens
+        width = site_width(site, dims["hidden_size"], dims["intermediate_size"])
+        lay = make_layout(rows, width, itemsize, params["parts"], st["chunk_mib"], st["shard_mib"])
+        r0, r1 = lay.part_range(part)
+        jobs.append(ArrayJob(layer, site, pos, lay, r0, r1))
     return jobs
 
 
-def run_capture(manifest_path: str | os.PathLike, dataset_dir: str | os.PathLike, store_root: str | os.PathLike,
-                params: dict[str, Any], part: int, device: str = "auto", group: str = "",
-                loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Capture this job's layers for this part of the examples into the store; write completion markers.
+def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_root: str | os.PathLike,
+                params: dict[str, Any], part: int, captures: list[tuple[int, str, str]], device: str = "auto",
+                boundary_in: str | os.PathLike | None = None, boundary_out: str | os.PathLike | None = None,
+                group: str = "", loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Run decoder layers ``params["block"]`` over this part of the examples: capture ``captures``
+    into the store (with completion markers), read the residual stream entering the block from
+    ``boundary_in`` (None: start from the embeddings) and write the one leaving it to ``boundary_out``.
 
     ``loaded`` is an already loaded (model, tokenizer) pair on ``device``, to skip loading.
     """
     t_start = time.perf_counter()
-    manifest = read_json(manifest_path)
     m = manifest["model"]
-    layers = sorted(int(k) for k in params["layers"])
-    check_layers_against(layers, m["num_layers"], m["id"])
+    start, end = params["block"]
+    if not 0 <= start <= end < m["num_layers"]:
+        raise ModelError(f"capture: layers {start}..{end} are out of range for model {m['id']} with "
+                         f"{m['num_layers']} layers; re-plan the workflow")
     token_ids, offsets = load_tokens(dataset_dir)
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     root = Path(store_root)
-    jobs = plan_arrays(params, m, n_ex, n_tok, part)
+    jobs = plan_arrays(captures, params, m, n_ex, n_tok, part)
     for j in jobs:
         dims = ("example" if j.positions == "last" else "token", "neuron" if j.site == "mlp_act" else "hidden")
         attrs = {"layer": j.layer, "site": j.site, "positions": j.positions, "parts": params["parts"]}
         prepare_array(root, j.layer, j.site, part, j.layout, array_metadata(j.layout, params["dtype"],
                                                                             params["store"], attrs, dims))
-    ranges = [j.example_range(offsets) for j in jobs if j.r0 < j.r1]
-    e0 = min((r[0] for r in ranges), default=0)
-    e1 = max((r[1] for r in ranges), default=0)
-    log.info("job %s part %d: layers %s, %d arrays, examples [%d, %d) of %d", group, part, layers, len(jobs),
-             e0, e1, n_ex)
+    e0, e1 = part_examples(offsets, m["hidden_size"], m["intermediate_size"], params["dtype"], params["parts"],
+                           params["store"], part)
+    log.info("job %s part %d: layers %d..%d, %d arrays, examples [%d, %d) of %d, boundary in %s, out %s", group,
+             part, start, end, len(jobs), e0, e1, n_ex, boundary_in or "(embeddings)", boundary_out or "(none)")
 
     stats: dict[str, Any] = {"examples": [e0, e1], "tokens": int(offsets[e1] - offsets[e0]) if e1 > e0 else 0}
-    if e1 > e0:
-        _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group, loaded)
+    chain = Chain(manifest, params, offsets, e0, e1, boundary_in, boundary_out)
+    _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group, chain, loaded)
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    for j in jobs:
-        write_marker(root, j.layer, j.site, part, {"rows": [j.r0, j.r1], "shards": j.written, **stats,
-                                                    "seconds": round(elapsed, 3)})
-    log.info("job %s part %d done in %.1f s (%d tokens, %.0f tokens/s, peak RSS %.0f MiB)", group, part, elapsed,
-             stats["tokens"], stats["tokens"] / max(elapsed, 1e-9), stats["peak_rss_mib"])
+    stats["weight_mib"] = round(chain.weight_bytes / 2**20, 1)
+    for j, r in zip(jobs, chain.routers):
+        counts = r.counts()
+        if counts["nonfinite"]:
+            log.warning("layer %d %s: %d values stored as NaN or inf (%d out of %s range)%s", j.layer, j.site,
+                        counts["nonfinite"], counts["clipped"], params["dtype"],
+                        "; capture.dtype: bfloat16 keeps float32's range" if counts["clipped"] else "")
+        write_marker(root, j.layer, j.site, part, j.positions, {"rows": [j.r0, j.r1], "shards": j.written, **stats,
+                                                                  **counts, "seconds": round(elapsed, 3)})
+    log.info("job %s part %d done in %.1f s (%d tokens, %.0f tokens/s, weights %.1f MiB, peak RSS %.0f MiB)", group,
+             part, elapsed, stats["tokens"], stats["tokens"] / max(elapsed, 1e-9), stats["weight_mib"],
+             stats["peak_rss_mib"])
     return stats
+
+
+class Chain:
+    """The boundaries of one job: the residual stream it starts from and the one it hands on."""
+
+    def __init__(self, manifest: dict[str, Any], params: dict[str, Any], offsets: np.ndarray, e0: int, e1: int,
+                 boundary_in, boundary_out) -> None:
+        self.start, self.end = params["block"]
+        self.t0, self.t1 = int(offsets[e0]), int(offsets[e1])
+        # What a boundary must have been computed from: same model files, examples and settings.
+        self.key = {"examples": [e0, e1], "tokens": [self.t0, self.t1],
+                    "fingerprint": fingerprint(manifest, params)}
+        self.input = Boundary(boundary_in) if boundary_in else None
+        if self.input is not None:
+            self.input.check(layer=self.start, **self.key)
+        self.output_path = boundary_out
+        self.output: BoundaryWriter | None = None
+        self.routers: list[Router] = []
+        self.weight_bytes = 0
+
+
+def fingerprint(manifest: dict[str, Any], params: dict[str, Any]) -> str:
+    """A hash of the model and adapter files and the job settings that shape the residual stream."""
+    files = {k: [(f["path"], f["sha256"]) for f in v["files"]] for k, v in manifest.items() if v}
+    rest = {k: v for k, v in params.items() if k != "block"}
+    return hashlib.sha256(dumps_stable({"files": files, "params": rest}).encode()).hexdigest()[:16]
 
 
 def _batch(token_ids: np.ndarray, offsets: np.ndarray, b0: int, b1: int, pad_id: int, left: bool):
@@ -234,11 +283,31 @@ def _batch(token_ids: np.ndarray, offsets: np.ndarray, b0: int, b1: int, pad_id:
     return ids, mask, lens
 
 
-def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group,
-                      loaded=None) -> None:
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root: Path, part, group,
+                      chain: Chain, loaded=None) -> None:
     dev = resolve_device(device)
-    model, tokenizer = loaded or load_model(manifest, dev, params["model_dtype"], params["trust_remote_code"])
-    layer_mods = S.decoder_layers(model, manifest["model"]["num_layers"])
+    m = manifest["model"]
+    tdtype = resolve_dtype(params["model_dtype"], dev)
+    dtype_name = str(tdtype).removeprefix("torch.")
+    if e1 <= e0:  # a part with no examples: nothing to run, an empty boundary to hand on
+        if chain.output_path:
+            BoundaryWriter(chain.output_path, 0, m["hidden_size"], dtype_name, {"layer": chain.end + 1,
+                                                                                 **chain.key}).close()
+        return
+    captured = [j.layer for j in jobs]
+    # Run to the block's end when the job hands its boundary on, else only as far as it captures.
+    stop = chain.end if chain.output_path or not captured else max(captured)
+    if loaded is not None:
+        model, tokenizer = loaded
+    else:
+        model, tokenizer = load_block(manifest, dev, params["model_dtype"], params["trust_remote_code"], chain.start,
+                                      stop)
+    chain.weight_bytes = weight_bytes(model)
+    layer_mods = S.decoder_layers(model, m["num_layers"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pool = BufferPool(TORCH_DTYPES[params["dtype"]], pin=dev.startswith("cuda"))
     # Writer threads overlap the disk with the model. Where torch keeps every core busy (a CPU
@@ -248,30 +317,46 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
     # page cache absorb bursts. Each array keeps to one thread, so its chunks reach its shard
     # file in order; each lane has room for a burst of one chunk per array plus a few.
     cpu_bound = not dev.startswith("cuda") and (os.cpu_count() or 1) <= torch.get_num_threads()
-    direct = cpu_bound and direct_io_supported(root)
+    direct = cpu_bound and bool(jobs) and direct_io_supported(root)
     threads = min(WRITER_THREADS, len(jobs)) if direct or not cpu_bound else 0
-    writer = ShardWriter(depth=2 * math.ceil(len(jobs) / max(threads, 1)) + 4, threads=threads)
+    writer = ShardWriter(depth=2 * math.ceil(max(len(jobs), 1) / max(threads, 1)) + 4, threads=threads)
     log.info("writing with %s I/O on %d writer thread(s)", "direct" if direct else "buffered", threads)
     encode = chunk_encoder(params["store"], STORAGE_DTYPES[params["dtype"]].itemsize)
-    routers: list[Router] = []
+    routers = chain.routers
     batch: dict[str, Any] = {}
     handles = []
 
+    def rows_of(x: torch.Tensor) -> torch.Tensor:
+        """The real tokens of a [batch, seq, width] tensor, flat, in example order."""
+        return x.reshape(-1, x.shape[-1]) if batch["sel"] is None else x[batch["sel"]]
+
     def route(i: int, x: torch.Tensor) -> None:
         # Copy out inside the hook, so the model frees its activations as it would without us.
-        j = jobs[i]
-        if j.positions == "last":
+        if jobs[i].positions == "last":
             routers[i].add(batch["e0"], x[batch["rows"], batch["last"]])
-        elif batch["sel"] is None:
-            routers[i].add(batch["t0"], x.reshape(-1, x.shape[-1]))
-        else:  # the real tokens only, flat, in example order
-            routers[i].add(batch["t0"], x[batch["sel"]])
+        else:
+            routers[i].add(batch["t0"], rows_of(x))
+
+    def hand_on(x: torch.Tensor) -> None:
+        chain.output.write(batch["t0"] - chain.t0, rows_of(_first(x)).to("cpu"))
+
+    def take_over(module, args, kwargs):
+        # The stream entering the block replaces whatever the pass-throughs below handed up.
+        h = batch["h_in"]
+        return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
     for i, j in enumerate(jobs):
         j.array_dir = root / f"layer_{j.layer:02d}" / j.site
         routers.append(Router(j, pool, writer, encode, direct, lane=i))
         handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, i=i: route(i, x)))
-    handles.append(S.attach_stop(layer_mods[max(j.layer for j in jobs)]))
+    if chain.output_path:
+        chain.output = BoundaryWriter(chain.output_path, chain.t1 - chain.t0, m["hidden_size"],
+                                      dtype_name, {"layer": chain.end + 1, **chain.key})
+        handles.append(layer_mods[chain.end].register_forward_hook(lambda mod, a, o: hand_on(o)))
+    if chain.input is not None:
+        handles.append(layer_mods[chain.start].register_forward_pre_hook(take_over, with_kwargs=True))
+        embed_dim = model.get_input_embeddings().weight.shape[-1]
+    handles.append(S.attach_stop(layer_mods[stop]))
     bs = params["batch_size"]
     left = params["padding_side"] == "left"
     ok = False
@@ -281,15 +366,24 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
                            unit="batch", mininterval=1.0):
                 b1 = min(b0 + bs, e1)
                 ids, mask, lens = _batch(token_ids, offsets, b0, b1, pad_id, left)
-                ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
                 mask_t = torch.from_numpy(mask).to(dev, non_blocking=True)
                 pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
                 padded = bool((lens != ids.shape[1]).any())
                 last = np.full(len(lens), ids.shape[1] - 1) if left else lens - 1
                 batch.update(e0=b0, t0=int(offsets[b0]), sel=mask_t.bool() if padded else None,
                              rows=torch.arange(b1 - b0, device=dev), last=torch.from_numpy(last).to(dev))
+                if chain.input is None:
+                    inputs = {"input_ids": torch.from_numpy(ids).to(dev, non_blocking=True)}
+                else:
+                    flat = chain.input.rows(int(offsets[b0]) - chain.t0, int(offsets[b1]) - chain.t0)
+                    h = torch.zeros((b1 - b0, ids.shape[1], flat.shape[-1]), dtype=flat.dtype)
+                    h[torch.from_numpy(mask).bool()] = flat
+                    batch["h_in"] = h.to(dev, dtype=tdtype)
+                    # Only the shape, dtype and device of the embeddings matter below the block.
+                    inputs = {"inputs_embeds": torch.zeros((b1 - b0, ids.shape[1], embed_dim), dtype=tdtype,
+                                                           device=dev)}
                 try:
-                    model(input_ids=ids_t, attention_mask=mask_t, position_ids=pos_t, use_cache=False)
+                    model(**inputs, attention_mask=mask_t, position_ids=pos_t, use_cache=False)
                 except S.StopForward:
                     pass
         for r in routers:
@@ -307,3 +401,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
             if not ok:
                 for r in routers:
                     r.abort()
+                if chain.output is not None:
+                    chain.output.abort()
+    if chain.output is not None:
+        chain.output.close()

@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
 from layerscope.errors import ConfigError, ModelError
+from layerscope.architectures import check_capture
 from layerscope.models import Dims, ModelRef, dims_from_config, parse_ref, peek_config
 
 SITES = ("resid_post", "attn_out", "mlp_out", "mlp_act")
@@ -83,12 +84,8 @@ def layer_error(layer: int, num_layers: int, model: str, key: str = "capture.lay
                        f"{num_layers} layers (valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
 
 
-def resolve_layers(layers: Any, num_layers: int | None, model: str) -> list[int] | None:
-    """Resolve ``all`` and negative layer numbers; None when the model's depth is not known yet."""
-    if num_layers is None:
-        if layers == "all" or any(x < 0 for x in layers):
-            return None
-        return sorted(set(layers))
+def resolve_layers(layers: Any, num_layers: int, model: str) -> list[int]:
+    """Resolve ``all`` and negative layer numbers against the model's depth."""
     if layers == "all":
         return list(range(num_layers))
     out = set()
@@ -99,6 +96,23 @@ def resolve_layers(layers: Any, num_layers: int | None, model: str) -> list[int]
     return sorted(out)
 
 
+@dataclass(frozen=True)
+class Block:
+    """One capture job's share of the model: consecutive layers ``start..end`` (a fixed block of
+    ``layers_per_job`` layers), the captured layers among them, and the residual-stream boundaries
+    it reads (entering ``start``) and writes (entering ``end + 1``)."""
+
+    start: int
+    end: int
+    layers: tuple[int, ...]
+    reads_boundary: bool
+    writes_boundary: bool
+
+    @property
+    def name(self) -> str:
+        return f"L{self.start:02d}-{self.end:02d}"
+
+
 @dataclass
 class Plan:
     """The resolved config: what each capture job captures."""
@@ -107,18 +121,28 @@ class Plan:
     base_dir: Path
     model: ModelRef
     adapter: ModelRef | None
-    dims: Dims | None
+    dims: Dims
     layers: list[int]
     settings: dict[int, dict[str, Any]]  # layer -> {"sites": [...], "positions": ...}
 
     @property
-    def groups(self) -> dict[str, list[int]]:
-        """Capture job groups, named by their first and last layer, of ``layers_per_job`` layers each."""
-        n = self.config["capture"]["layers_per_job"]
-        out = {}
-        for i in range(0, len(self.layers), n):
-            g = self.layers[i:i + n]
-            out[f"L{g[0]:02d}-{g[-1]:02d}"] = g
+    def blocks(self) -> list[Block]:
+        """The chain of capture jobs, bottom up.
+
+        Blocks are fixed ranges of ``layers_per_job`` model layers ([0, n), [n, 2n), ...), so
+        adding or removing a captured layer never regroups the others. Every block from the
+        bottom up to the one holding the highest captured layer is a job, capturing or not:
+        each hands the residual stream entering the next block to the job above, and every
+        block but the model's last writes that boundary, so the chain can grow without
+        re-running anything below.
+        """
+        n, total = self.config["capture"]["layers_per_job"], self.dims.num_layers
+        top = max(self.layers) // n
+        out = []
+        for k in range(top + 1):
+            start, end = k * n, min((k + 1) * n, total) - 1
+            out.append(Block(start, end, tuple(L for L in self.layers if start <= L <= end), start > 0,
+                             end < total - 1))
         return out
 
     @property
@@ -129,11 +153,22 @@ class Plan:
         """(layer, site) pairs captured for ``layers`` (default: all planned layers)."""
         return [(L, s) for L in (self.layers if layers is None else layers) for s in self.settings[L]["sites"]]
 
-    def job_params(self, group: str) -> dict[str, Any]:
-        """Everything that decides the bytes a capture job writes; Snakemake re-runs the job when it changes."""
+    def captures(self, block: Block) -> list[tuple[int, str, str]]:
+        """(layer, site, positions) of every array a block's job writes."""
+        return [(L, s, self.settings[L]["positions"]) for L in block.layers for s in self.settings[L]["sites"]]
+
+    def job_params(self, block: Block) -> dict[str, Any]:
+        """What decides the bytes of every output of a block's job, and nothing else.
+
+        Which arrays a job writes, and at which positions, is named by its output paths, not
+        its params: removing a layer or a site then re-runs no capture job (``store`` drops the
+        array), and a change that touches one layer re-runs only its block (Snakemake compares
+        params per job). Everything here also shapes the boundaries, so it is the same for all
+        blocks: a job never reads a boundary computed under other settings.
+        """
         c = self.config["capture"]
         return {
-            "layers": {str(L): self.settings[L] for L in self.groups[group]},
+            "block": [block.start, block.end],
             "dtype": c["dtype"], "batch_size": c["batch_size"], "padding_side": c["padding_side"],
             "parts": c["parts"], "model_dtype": self.config["model"]["dtype"],
             "trust_remote_code": self.config["model"]["trust_remote_code"], "store": self.config["store"],
@@ -169,35 +204,34 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         dims = dims_from_config(raw) if raw is not None else None
     except ModelError as e:
         raise ConfigError(f"config error: {e}") from e
-    cap = cfg["capture"]
-    layers = resolve_layers(cap["layers"], dims.num_layers if dims else None, model.label)
-    if layers is None:
+    if dims is None:
         raise ConfigError(
-            f"config error: capture.layers: {cap['layers']!r} needs the number of layers of {model.label}, whose "
-            "config.json is not available offline; list non-negative layer numbers, or fetch the model first "
-            "(snakemake --cores 1 fetch_model) while online")
+            f"config error: model.id: the config.json of {model.label} is not in the hub cache and cannot be "
+            "downloaded (offline, or no such repo); planning needs its number of layers: run once online, or "
+            "point hub_cache at a cache that holds it")
+    cap = cfg["capture"]
+    max_pos = raw.get("max_position_embeddings") or raw.get("n_positions") or raw.get("n_ctx")
+    if isinstance(max_pos, int) and cfg["dataset"]["max_length"] > max_pos:
+        # Past its positions GPT-2 crashes at capture, and rotary models silently give wrong values.
+        raise ConfigError(f"config error: dataset.max_length: {cfg['dataset']['max_length']} is more than the "
+                          f"{max_pos} positions {model.label} was built for; set it to {max_pos} or less")
+    layers = resolve_layers(cap["layers"], dims.num_layers, model.label)
     settings = {L: {"sites": list(cap["sites"]), "positions": cap["positions"]} for L in layers}
     for key, over in cap["overrides"].items():
         L = int(key)
-        if dims is not None:
-            if not -dims.num_layers <= L < dims.num_layers:
-                raise layer_error(L, dims.num_layers, model.label, key=f"capture.overrides.{key}")
-            L %= dims.num_layers
+        if not -dims.num_layers <= L < dims.num_layers:
+            raise layer_error(L, dims.num_layers, model.label, key=f"capture.overrides.{key}")
+        L %= dims.num_layers
         if L not in settings:
             raise ConfigError(f"config error: capture.overrides.{key}: layer {L} is not in capture.layers")
         settings[L].update(copy.deepcopy(over))
+    if problem := check_capture(dims.model_type, dims.architecture, cap):
+        raise ConfigError(f"config error: {problem}")
     # Key order must not matter: Snakemake compares params by their text, so a config file
     # rewritten with its keys in another order would otherwise re-run every job.
     cfg = json.loads(dumps_stable(cfg))
     settings = {L: json.loads(dumps_stable(v)) for L, v in settings.items()}
     return Plan(cfg, base, model, adapter, dims, layers, settings)
-
-
-def check_layers_against(plan_layers: list[int], num_layers: int, model: str) -> None:
-    """After a download: fail with the same message as at planning time if a layer is out of range."""
-    for L in plan_layers:
-        if not 0 <= L < num_layers:
-            raise layer_error(L, num_layers, model)
 
 
 def dumps_stable(obj: Any) -> str:

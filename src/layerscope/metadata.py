@@ -8,7 +8,7 @@ from typing import Any
 
 from layerscope import __version__
 from layerscope.dataset import load_examples
-from layerscope.fileio import read_json, write_json
+from layerscope.fileio import write_json
 
 
 def build_metadata(config: dict[str, Any], manifest: dict[str, Any], examples: list[dict[str, Any]],
@@ -62,7 +62,7 @@ def build_metadata(config: dict[str, Any], manifest: dict[str, Any], examples: l
     }
 
 
-def write_metadata(config: dict[str, Any], manifest_path: str, examples_path: str, store_root: str,
+def write_metadata(config: dict[str, Any], manifest: dict[str, Any], examples_path: str, store_root: str,
                    metadata_out: str, run_config_out: str) -> dict[str, Any]:
     import zarr
 
@@ -74,8 +74,9 @@ def write_metadata(config: dict[str, Any], manifest_path: str, examples_path: st
         at = dict(arr.attrs)
         arrays[path] = {"layer": at["layer"], "site": at["site"], "positions": at["positions"],
                         "shape": list(arr.shape), "dimension_names": list(arr.metadata.dimension_names),
-                        "dtype": at["dtype"], "storage_dtype": at["storage_dtype"], "layout": at["layout"]}
-    manifest = read_json(manifest_path)
+                        "dtype": at["dtype"], "storage_dtype": at["storage_dtype"], "layout": at["layout"],
+                        # values stored as NaN/inf, and those out of the storage dtype's range
+                        **attrs.get("nonfinite", {}).get(path, {"nonfinite": 0, "clipped": 0})}
     meta = build_metadata(config, manifest, load_examples(examples_path), attrs, arrays)
     write_json(run_config_out, {"config": config, "manifest": {k: {kk: vv for kk, vv in v.items() if kk != "files"}
                                                                if isinstance(v, dict) else v

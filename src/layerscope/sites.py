@@ -15,11 +15,12 @@ mlp_act is refused for it, at config time by ``check_sites`` and at capture time
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
 
+from layerscope.architectures import SPARSE_MOE_HINT
 from layerscope.errors import ModelError
 
 ATTN_NAMES = ("self_attn", "attn", "self_attention", "attention")
@@ -28,41 +29,6 @@ DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "fc_out")
 # MLP projections that some architectures (OPT, XGLM) put straight on the decoder layer.
 LAYER_UP_NAMES = ("fc1",)
 LAYER_DOWN_NAMES = ("fc2",)
-# Sparse mixture-of-experts models whose model_type does not say "moe".
-MOE_MODEL_TYPES = frozenset({
-    "mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss", "jamba", "llama4", "llama4_text", "minimax",
-    "qwen3_next", "dots1", "longcat_flash", "flex_olmo",
-})
-SPARSE_MOE_HINT = "use mlp_out or resid_post"
-
-
-def is_sparse_moe(model_type: str, architecture: str) -> bool:
-    """Whether config.json's model_type / architecture names a sparse mixture-of-experts model."""
-    mt, arch = model_type.lower(), architecture.lower()
-    return mt in MOE_MODEL_TYPES or "moe" in mt or "moe" in arch
-
-
-def check_sites(model_type: str, architecture: str, sites: Iterable[str], key: str = "capture.sites") -> str | None:
-    """The one-line problem with capturing ``sites`` (the value of config key ``key``) on this
-    architecture, or None when every site is defined for it. Needs only config.json facts."""
-    if "mlp_act" in sites and is_sparse_moe(model_type, architecture):
-        return (f"{key}: mlp_act is not defined for {model_type} (a sparse mixture-of-experts MLP: "
-                f"each expert has its own neurons); {SPARSE_MOE_HINT}")
-    return None
-
-
-def check_capture(model_type: str, architecture: str, capture: dict[str, Any]) -> str | None:
-    """``check_sites`` for the ``capture:`` config section: capture.sites and every override's sites."""
-    lists = [("capture.sites", capture.get("sites") or [])]
-    lists += [(f"capture.overrides.{k}.sites", o["sites"]) for k, o in (capture.get("overrides") or {}).items()
-              if "sites" in o]
-    for key, sites in lists:
-        problem = check_sites(model_type, architecture, sites, key)
-        if problem:
-            return problem
-    return None
-
-
 def base_model(model: nn.Module) -> nn.Module:
     """Unwrap a PEFT model: hooks go on the (LoRA-wrapped) modules of the underlying transformer."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -20,49 +20,73 @@ log = logging.getLogger("layerscope.steps")
 
 
 def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run one step with its log: a LayerScopeError becomes one clear message and exit 1; any other
+    error is logged with its traceback (so the log says what happened) and exits 1 too."""
     setup_logging(log_path)
     try:
         return fn(**kwargs)
     except LayerScopeError as e:
         log.error("%s", e)
         sys.exit(1)
+    except Exception:
+        log.exception("unexpected error")
+        sys.exit(1)
 
 
-def fetch_model(model: dict, adapter: dict | None, hub_cache: str | None, layers: list[int], weights_dir: str,
-                adapter_dir: str, manifest_out: str) -> dict:
-    """Resolve the model (and adapter), check the planned layers against it, write manifest.json."""
-    from layerscope.config import check_layers_against
+def fetch_model(model: dict, hub_cache: str | None, weights_dir: str, manifest_out: str) -> dict:
+    """Resolve the model (built-in, local directory or hub snapshot) and write its manifest."""
     from layerscope.models import fetch, parse_ref
 
     ref = parse_ref(model, os.getcwd())
     log.info("fetching model %s", ref.label)
     m = fetch(ref, weights_dir, hub_cache, what="model")
-    check_layers_against(layers, m["num_layers"], m["id"])
+    write_json(manifest_out, {"model": m})
+    log.info("model %s: %s, %d layers, hidden %d, files %d", m["id"], m["architecture"], m["num_layers"],
+             m["hidden_size"], len(m["files"]))
+    return m
+
+
+def fetch_adapter(adapter: dict | None, model_manifest: str, hub_cache: str | None, adapter_dir: str,
+                  manifest_out: str) -> dict | None:
+    """Resolve the adapter, if any, and write its manifest (``null`` without one)."""
+    from layerscope.models import fetch, parse_ref
+
     a = None
     if adapter:
         aref = parse_ref(adapter, os.getcwd())
         log.info("fetching adapter %s", aref.label)
-        a = fetch(aref, adapter_dir, hub_cache, what="adapter", base_dir=m["path"])
-    manifest = {"model": m, "adapter": a}
-    write_json(manifest_out, manifest)
-    log.info("model %s: %s, %d layers, hidden %d, files %d", m["id"], m["architecture"], m["num_layers"],
-             m["hidden_size"], len(m["files"]))
-    return manifest
+        a = fetch(aref, adapter_dir, hub_cache, what="adapter", base_dir=read_json(model_manifest)["model"]["path"])
+    write_json(manifest_out, {"adapter": a})
+    return a
+
+
+def load_manifest(model_manifest: str, adapter_manifest: str | None = None) -> dict:
+    """The model and adapter manifests as one dict ``{"model": ..., "adapter": ... or None}``."""
+    return {"adapter": None, **read_json(model_manifest), **(read_json(adapter_manifest) if adapter_manifest else {})}
 
 
 def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_code: bool = False) -> dict:
     from layerscope.dataset import prepare
     from layerscope.models import load_tokenizer
 
-    tok = load_tokenizer(read_json(manifest), trust_remote_code)
+    tok = load_tokenizer(load_manifest(manifest), trust_remote_code)
     return prepare(dataset["path"], tok, out_dir, fmt=dataset["format"], default_split=dataset["default_split"],
                    max_length=dataset["max_length"], add_special_tokens=dataset["add_special_tokens"])
 
 
-def capture(manifest: str, dataset_dir: str, store: str, params: dict, part: int, device: str, group: str) -> dict:
-    from layerscope.capture import run_capture
+def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: dict, part: int, markers: list[str],
+            device: str, group: str, threads: int, boundary_in: str | None = None,
+            boundary_out: str | None = None) -> dict:
+    """One capture job; what it captures is read from its completion markers' paths."""
+    import torch
 
-    return run_capture(manifest, dataset_dir, store, params, part, device=device, group=group)
+    from layerscope.capture import run_capture
+    from layerscope.store import parse_marker
+
+    torch.set_num_threads(max(1, threads))
+    captures = [parse_marker(m) for m in markers]
+    return run_capture(load_manifest(manifest, adapter), dataset_dir, store, params, part, captures, device=device,
+                       boundary_in=boundary_in, boundary_out=boundary_out, group=group)
 
 
 def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str) -> None:
@@ -75,10 +99,11 @@ def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str) -> N
     log.info("store %s finalized: %d arrays x %d parts", store, len(arrays), parts)
 
 
-def metadata(config: dict, manifest: str, examples: str, store: str, metadata_out: str, run_config_out: str) -> None:
+def metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, metadata_out: str,
+             run_config_out: str) -> None:
     from layerscope.metadata import write_metadata
 
-    write_metadata(config, manifest, examples, store, metadata_out, run_config_out)
+    write_metadata(config, load_manifest(manifest, adapter), examples, store, metadata_out, run_config_out)
 
 
 def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool = False) -> None:

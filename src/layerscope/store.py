@@ -7,7 +7,7 @@ Layout of ``activations.zarr``::
     layer_07/zarr.json            a group per layer
     layer_07/resid_post/          an array per layer x site: [example, hidden] or [token, hidden]
         zarr.json, c/<shard>/0    Zarr metadata and shards
-        parts/<p>.json            completion marker of the capture job that wrote part p
+        parts/<p>-<positions>.json  completion marker of the capture job that wrote part p
 
 Rows are split into ``parts`` contiguous ranges aligned to whole shards, so no two jobs ever
 write the same shard, and every shard is written whole, once.
@@ -83,8 +83,14 @@ def array_path(layer: int, site: str) -> str:
     return f"layer_{layer:02d}/{site}"
 
 
-def marker_path(root: str | os.PathLike, layer: int, site: str, part: int) -> Path:
-    return Path(root) / array_path(layer, site) / "parts" / f"{part}.json"
+def marker_path(root: str | os.PathLike, layer: int, site: str, part: int | str, positions: str) -> Path:
+    """A capture job's completion marker for one part of one array.
+
+    The position mode is part of the name: a job's outputs then say everything it captures,
+    so a changed mode re-runs the job through a missing output, and the job's params can stay
+    the same for every block (see config.Plan.job_params).
+    """
+    return Path(root) / array_path(layer, site) / "parts" / f"{part}-{positions}.json"
 
 
 def _codecs(store_cfg: dict[str, Any]):
@@ -134,34 +140,51 @@ def prepare_array(root: Path, layer: int, site: str, part: int, layout: Layout, 
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def write_marker(root: Path, layer: int, site: str, part: int, info: dict[str, Any]) -> str:
+def parse_marker(path: str | os.PathLike) -> tuple[int, str, str]:
+    """(layer, site, positions) of the array a marker path belongs to."""
+    p = Path(path)
+    positions = p.stem.split("-", 1)[1]
+    return int(p.parents[2].name.removeprefix("layer_")), p.parents[1].name, positions
+
+
+def write_marker(root: Path, layer: int, site: str, part: int, positions: str, info: dict[str, Any]) -> str:
     """Record that ``part`` of an array is complete; returns the marker's unique job id."""
     job = uuid.uuid4().hex
-    write_json(marker_path(root, layer, site, part), {"part": part, "job": job, **info})
+    write_json(marker_path(root, layer, site, part, positions), {"part": part, "job": job, "positions": positions,
+                                                                 **info})
     return job
 
 
-def finalize(root: str | os.PathLike, arrays: list[tuple[int, str]], parts: int, token_ids: np.ndarray,
+def finalize(root: str | os.PathLike, arrays: list[tuple[int, str, str]], parts: int, token_ids: np.ndarray,
              offsets: np.ndarray, attrs: dict[str, Any]) -> dict[str, Any]:
-    """Check every part of every array is complete, add the tokens, drop arrays no longer planned,
-    and write the consolidated root metadata (the store's 'finished' flag)."""
+    """Check every part of every array ((layer, site, positions) triples) is complete, add the
+    tokens, drop arrays and markers no longer planned, and write the consolidated root metadata
+    (the store's 'finished' flag)."""
     import zarr
 
     root = Path(root)
     jobs: dict[str, list[str]] = {}
+    markers: dict[str, list[dict[str, Any]]] = {}
     missing = []
-    for layer, site in arrays:
-        ids = []
+    for layer, site, pos in arrays:
+        apath = array_path(layer, site)
+        found = []
         for p in range(parts):
-            m = marker_path(root, layer, site, p)
+            m = marker_path(root, layer, site, p, pos)
             if not m.is_file():
-                missing.append(f"{array_path(layer, site)} part {p}")
+                missing.append(f"{apath} part {p} ({pos} positions)")
                 continue
-            ids.append(read_json(m)["job"])
-        jobs[array_path(layer, site)] = ids
+            found.append(read_json(m))
+        jobs[apath] = [m["job"] for m in found]
+        markers[apath] = found
+        if not missing:
+            keep = {marker_path(root, layer, site, p, pos).name for p in range(parts)}
+            for old in (root / apath / "parts").glob("*.json"):
+                if old.name not in keep:  # another position mode or part count, captured earlier
+                    old.unlink()
     if missing:
         raise IncompleteRunError(f"{root}: capture incomplete, missing: {', '.join(missing[:10])}")
-    planned = {array_path(L, s) for L, s in arrays}
+    planned = {array_path(L, s) for L, s, _ in arrays}
     for d in sorted(root.glob("layer_*")):
         for a in sorted(p for p in d.iterdir() if p.is_dir()):
             if f"{d.name}/{a.name}" not in planned:
@@ -169,6 +192,13 @@ def finalize(root: str | os.PathLike, arrays: list[tuple[int, str]], parts: int,
                 shutil.rmtree(a)
         if d.is_dir() and not any(p.is_dir() for p in d.iterdir()):
             shutil.rmtree(d)
+    counts = {}
+    for apath, found in markers.items():
+        c = {k: sum(m.get(k, 0) for m in found) for k in ("nonfinite", "clipped")}
+        counts[apath] = c
+        if c["nonfinite"]:
+            log.warning("%s: %d values stored as NaN or inf (%d out of the storage dtype's range)", apath,
+                        c["nonfinite"], c["clipped"])
     g = zarr.open_group(str(root), mode="a", zarr_format=3)
     chunk = max(1, min(len(token_ids), 1 << 20))
     t = g.create_array("tokens/ids", shape=token_ids.shape, dtype="int32", chunks=(chunk,), overwrite=True,
@@ -177,7 +207,9 @@ def finalize(root: str | os.PathLike, arrays: list[tuple[int, str]], parts: int,
     o = g.create_array("tokens/offsets", shape=offsets.shape, dtype="int64", chunks=(len(offsets),),
                        overwrite=True, dimension_names=["example_edge"], compressors=None, fill_value=-1)
     o[:] = offsets
-    g.attrs.update({"layerscope": {**attrs, "arrays": sorted(planned), "parts": parts, "jobs": jobs}})
+    g.attrs.update({"layerscope": {**attrs, "arrays": sorted(planned), "parts": parts, "jobs": jobs,
+                                   "positions": {array_path(L, s): pos for L, s, pos in arrays},
+                                   "nonfinite": counts}})
     with warnings.catch_warnings():
         # Consolidated metadata is a zarr-python extension to v3; we rely on it knowingly.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
@@ -192,8 +224,9 @@ def check_complete(root: str | os.PathLike, group_attrs: dict[str, Any]) -> None
     if not info:
         raise IncompleteRunError(f"{root}: not a finished LayerScope store (no 'layerscope' attributes)")
     for apath, ids in info["jobs"].items():
+        pos = info["positions"][apath]
         for p, job in enumerate(ids):
-            m = root / apath / "parts" / f"{p}.json"
+            m = root / apath / "parts" / f"{p}-{pos}.json"
             try:
                 ok = read_json(m)["job"] == job
             except (OSError, ValueError, KeyError):

@@ -1,25 +1,25 @@
-# One rule per group of consecutive layers, each run once per part of the examples:
-# changing one layer's settings changes only its group's params, so only that group re-runs.
-for _group, _layers in PLAN.groups.items():
+# One rule per block of `layers_per_job` consecutive model layers, each run once per part of the
+# examples. Within a part the blocks form a chain: each starts from the residual stream the
+# block below handed on. A block's params are the same for every block; what it captures is
+# named by its outputs, so a change to one layer re-runs only that layer's block.
+for _block in PLAN.blocks:
 
     rule:
         name:
-            f"capture_{_group}"
+            f"capture_{_block.name}"
         input:
-            manifest=MANIFEST,
-            ids=f"{DATASET}/token_ids.npy",
-            offsets=f"{DATASET}/offsets.npy",
+            **capture_inputs(_block),
         output:
-            capture_outputs(_layers),
+            **capture_outputs(_block),
         params:
-            job=PLAN.job_params(_group),
-            group=_group,
-            store=lambda w, output: str(Path(output[0]).parents[3]),
-            device=config["capture"]["device"],
+            job=PLAN.job_params(_block),
+            group=_block.name,
+            store=STORE,
+        threads: capture_threads()
         log:
-            f"logs/{RUN}/capture/{_group}_part{{part}}.log",
+            f"logs/{RUN}/capture/{_block.name}_part{{part}}.log",
         benchmark:
-            f"{RESULTS}/benchmarks/capture_{_group}_part{{part}}.tsv"
+            f"{RESULTS}/benchmarks/capture_{_block.name}_part{{part}}.tsv"
         resources:
             mem_mb=8000,
             gpu=1 if config["capture"]["device"].startswith("cuda") else 0,

@@ -5,6 +5,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 try:
+    from layerscope.chain import boundary_path
     from layerscope.config import build_plan
     from layerscope.errors import LayerScopeError
     from layerscope.store import marker_path
@@ -28,6 +29,7 @@ RUN = config["run"]
 RESULTS = f"results/{RUN}"
 STORE = f"{RESULTS}/activations.zarr"
 MANIFEST = f"{RESULTS}/model/manifest.json"
+ADAPTER = f"{RESULTS}/model/adapter.json"
 DATASET = f"{RESULTS}/dataset"
 
 
@@ -35,18 +37,75 @@ wildcard_constraints:
     part=r"\d+",
 
 
-def capture_outputs(layers):
-    """Completion markers of one capture job: one per array x part, inside the array."""
-    return [
-        str(marker_path(STORE, L, s, "{part}"))
-        for L in layers
-        for s in PLAN.settings[L]["sites"]
-    ]
+def capture_outputs(block):
+    """Outputs of one block's job: a completion marker per array it captures (inside the
+    array, named by part and position mode), and the residual stream it hands on."""
+    out = {
+        f"m{i}": str(marker_path(STORE, L, s, "{part}", pos))
+        for i, (L, s, pos) in enumerate(PLAN.captures(block))
+    }
+    if block.writes_boundary:
+        b = boundary_path(RESULTS, block.end + 1, "{part}")
+        out["boundary"] = temp(str(b)) if config["capture"]["boundaries"] == "temp" else str(b)
+    return out
+
+
+def capture_inputs(block):
+    inputs = {
+        "manifest": MANIFEST,
+        "adapter": ADAPTER,
+        "ids": f"{DATASET}/token_ids.npy",
+        "offsets": f"{DATASET}/offsets.npy",
+    }
+    if block.reads_boundary:
+        # ancient: a re-run of the job below rewrites this file with the same content (it is a
+        # function of the model, tokens and settings, all of which are this job's inputs and
+        # params too), so only its absence, not its age, should matter here.
+        inputs["boundary"] = ancient(str(boundary_path(RESULTS, block.start, "{part}")))
+    return inputs
 
 
 def all_markers(wildcards):
     return [
-        str(marker_path(STORE, L, s, p))
+        str(marker_path(STORE, L, s, p, PLAN.settings[L]["positions"]))
         for L, s in PLAN.arrays()
         for p in range(PLAN.parts)
     ]
+
+
+def missing_markers(wildcards):
+    """Markers not on disk. Snakemake does not re-create a missing intermediate file when what
+    depends on it is up to date; asking for exactly these makes a deleted array re-run its job
+    (and keeps the listing of `all` short when nothing is missing)."""
+    return [m for m in all_markers(wildcards) if not os.path.exists(m)]
+
+
+def local_files(ref):
+    """A local model or adapter directory's files: changed weights re-run what depends on them."""
+    if ref is None or ref.kind != "local":
+        return []
+    return sorted(
+        str(p)
+        for p in Path(ref.name).rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ref.name).parts)
+    )
+
+
+def source_params(key):
+    """What decides a fetch's result, and nothing else: the reference (the seed only for built-in
+    models, the revision and hub cache only for hub ones)."""
+    spec = config[key]
+    if spec is None:
+        return None
+    ref = PLAN.model if key == "model" else PLAN.adapter
+    return {
+        "id": spec["id"],
+        "seed": spec["seed"] if ref.kind == "builtin" else None,
+        "revision": spec["revision"] if ref.kind == "hub" else None,
+        "hub_cache": config["hub_cache"] if ref.kind == "hub" else None,
+    }
+
+
+def capture_threads():
+    """Threads of a capture job: capture.threads, else every core Snakemake may use."""
+    return config["capture"]["threads"] or workflow.cores or os.cpu_count()

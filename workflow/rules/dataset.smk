@@ -7,7 +7,8 @@ rule prepare_dataset:
         offsets=f"{DATASET}/offsets.npy",
         examples=f"{DATASET}/examples.jsonl",
     params:
-        dataset=config["dataset"],
+        # the name is only recorded in metadata.json: renaming re-runs nothing else
+        dataset={k: v for k, v in config["dataset"].items() if k != "name"},
         trust_remote_code=config["model"]["trust_remote_code"],
     log:
         f"logs/{RUN}/prepare_dataset.log",

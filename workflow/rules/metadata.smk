@@ -2,6 +2,7 @@ rule metadata:
     input:
         store=f"{STORE}/zarr.json",
         manifest=MANIFEST,
+        adapter=ADAPTER,
         examples=f"{DATASET}/examples.jsonl",
     output:
         metadata=f"{RESULTS}/metadata.json",

@@ -1,13 +1,11 @@
 rule fetch_model:
+    input:
+        local_files(PLAN.model),
     output:
         manifest=MANIFEST,
     params:
-        model=config["model"],
-        adapter=config["adapter"],
-        hub_cache=config["hub_cache"],
-        layers=PLAN.layers,
+        model=source_params("model"),
         weights=f"{RESULTS}/model/weights",
-        adapter_dir=f"{RESULTS}/model/adapter",
     log:
         f"logs/{RUN}/fetch_model.log",
     resources:
@@ -16,3 +14,22 @@ rule fetch_model:
         "../../environment.yml"
     script:
         "../scripts/fetch_model.py"
+
+
+rule fetch_adapter:
+    input:
+        local_files(PLAN.adapter),
+        model=MANIFEST,
+    output:
+        manifest=ADAPTER,
+    params:
+        adapter=source_params("adapter"),
+        adapter_dir=f"{RESULTS}/model/adapter",
+    log:
+        f"logs/{RUN}/fetch_adapter.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fetch_adapter.py"

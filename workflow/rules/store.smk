@@ -7,7 +7,7 @@ rule store:
         root=f"{STORE}/zarr.json",
     params:
         store=lambda w, output: os.path.dirname(output.root),
-        arrays=PLAN.arrays(),
+        arrays=[list(c) for b in PLAN.blocks for c in PLAN.captures(b)],
         parts=PLAN.parts,
         run=RUN,
     log:

@@ -3,6 +3,10 @@ import os
 from layerscope.steps import capture, run_step
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run_step(sm.log[0], capture, manifest=sm.input.manifest, dataset_dir=os.path.dirname(sm.input.ids),
-         store=sm.params.store, params=sm.params.job, part=int(sm.wildcards.part), device=sm.params.device,
-         group=sm.params.group)
+out = dict(sm.output.items())
+run_step(sm.log[0], capture, manifest=sm.input.manifest, adapter=sm.input.adapter,
+         dataset_dir=os.path.dirname(sm.input.ids), store=sm.params.store, params=sm.params.job,
+         part=int(sm.wildcards.part), markers=[v for k, v in out.items() if k != "boundary"],
+         # the device is read from the config, not params: where a job runs is no reason to re-run it
+         device=sm.config["capture"]["device"], group=sm.params.group, threads=sm.threads,
+         boundary_in=sm.input.get("boundary"), boundary_out=out.get("boundary"))
