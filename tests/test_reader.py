@@ -12,6 +12,7 @@ import torch
 import zarr
 
 import layerscope
+from layerscope.dataset import example_text
 from layerscope.errors import LayerScopeError
 from layerscope.reader import bf16_to_float32
 
@@ -72,7 +73,9 @@ def test_inspect_cli(run):
     assert "split 'EM': 9 examples" in out and "split 'Neutral': 10 examples" in out
     assert "layer_03/mlp_act" in out and "shape [" in out and "bytes on disk" in out
     ex0 = run.examples[0]
-    assert f"id={ex0['id']}" in out and repr(ex0["rendered"]) in out
+    assert f"id={ex0['id']}" in out and repr(example_text(ex0)) in out
+    assert "rendered" not in ex0 and f"text:   {ex0['text']!r}" in out  # shown once, not again in "fields"
+    assert "'text':" not in out
     assert out.count("\n[") == 2
     bad = subprocess.run([sys.executable, "-m", "layerscope", "inspect", str(run.path / "nope")],
                          capture_output=True, text=True)
