@@ -8,7 +8,8 @@ as .npy files; then measures, interleaved and repeated:
   last1000  1000 random rows of a last array   reader .take()    vs np.memmap fancy indexing
   all100    the rows of 100 random examples    reader [i]        vs np.memmap slices by offsets
 
-and, for reference, zarr-python's own reads of the same arrays. Prints a table, then one JSON
+and, for reference, zarr-python's own reads of the same arrays. The reader checks the array's
+completion marker on every read, as it does in an opened run. Prints a table, then one JSON
 line with medians and ``speed = numpy time / reader time`` per case.
 
     python benchmarks/read.py [--examples 20000] [--hidden 4096] [--tokens 50000] [--repeats 5]
@@ -30,7 +31,7 @@ import torch
 import zarr
 
 from layerscope.capture import ArrayJob, BufferPool, Router
-from layerscope.reader import Activations
+from layerscope.reader import Activations, PartMarkers
 from layerscope.shards import chunk_encoder
 from layerscope.store import array_metadata, make_layout
 from layerscope.writer import ShardWriter
@@ -51,6 +52,8 @@ def write_array(d: Path, data: np.ndarray, positions: str) -> Path:
         r.add(g0, torch.from_numpy(data[g0:g0 + step]))
     r.done()
     w.close()
+    (d / "parts").mkdir()
+    (d / "parts" / "0.json").write_text(json.dumps({"part": 0, "job": "bench"}))
     return d
 
 
@@ -90,8 +93,10 @@ def run(args, scratch: Path) -> int:
     np.save(scratch / "all.npy", alltok)
     del alltok
     za, zl = zarr.open_array(str(all_dir), mode="r"), zarr.open_array(str(last_dir), mode="r")
-    acts_last = Activations(zl, np.arange(args.examples + 1), 0, args.examples, array_dir=last_dir)
-    acts_all = Activations(za, offsets, 0, len(lengths), array_dir=all_dir)
+    acts_last = Activations(zl, np.arange(args.examples + 1), 0, args.examples, array_dir=last_dir,
+                            markers=PartMarkers(scratch, "last", ["bench"]))
+    acts_all = Activations(za, offsets, 0, len(lengths), array_dir=all_dir,
+                           markers=PartMarkers(scratch, "all", ["bench"]))
     assert acts_last._direct is not None and acts_all._direct is not None
     mm_last = np.load(scratch / "last.npy", mmap_mode="r")
     mm_all = np.load(scratch / "all.npy", mmap_mode="r")

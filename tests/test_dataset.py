@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from layerscope.dataset import load_examples, load_tokens, prepare
+from layerscope.dataset import csv_value, example_text, load_examples, load_tokens, prepare
 from layerscope.errors import DataError
 from layerscope.models import load_tokenizer
 from tests.conftest import write_jsonl
@@ -38,9 +38,22 @@ def test_jsonl_splits_fields_and_chat(tmp_path, tok):
     ids, offsets = load_tokens(out)
     assert offsets[0] == 0 and offsets[-1] == len(ids) and len(offsets) == 5
     for e in ex:
-        want = tok(e["rendered"], add_special_tokens="messages" not in e)["input_ids"]
+        want = tok(example_text(e), add_special_tokens="messages" not in e)["input_ids"]
         assert ids[offsets[e["index"]]:offsets[e["index"] + 1]].tolist() == want
     assert summary["splits"]["EM"]["examples"] == 2 and summary["tokens"] == int(offsets[-1])
+
+
+def test_examples_store_the_text_once(tmp_path, tok):
+    """Text records keep 'text' and no copy of it; chat records keep 'messages' and their rendering."""
+    msgs = [{"role": "user", "content": "hi"}]
+    prepare(write_jsonl(tmp_path / "d.jsonl", [{"text": "plain words"}, {"messages": msgs}]), tok, tmp_path / "o")
+    text_ex, chat_ex = load_examples(tmp_path / "o" / "examples.jsonl")
+    assert "rendered" not in text_ex and text_ex["text"] == example_text(text_ex) == "plain words"
+    assert chat_ex["messages"] == msgs and "text" not in chat_ex
+    assert example_text(chat_ex) == chat_ex["rendered"] == tok.apply_chat_template(msgs, tokenize=False)
+    assert (tmp_path / "o" / "examples.jsonl").read_text().count("plain words") == 1
+    # examples.jsonl written before the change (text and rendered both present) still reads the same
+    assert example_text({"text": "a", "rendered": "a"}) == "a"
 
 
 def test_truncation_is_recorded(tmp_path, tok):
@@ -57,8 +70,68 @@ def test_csv(tmp_path, tok):
     p.write_text('id,split,text,extra\nx,s1,"hello, world",1\ny,s2,bye,2\n', encoding="utf-8")
     prepare(p, tok, tmp_path / "o")
     ex = load_examples(tmp_path / "o" / "examples.jsonl")
-    assert [(e["id"], e["split"], e["text"], e["extra"]) for e in ex] == [("x", "s1", "hello, world", "1"),
-                                                                          ("y", "s2", "bye", "2")]
+    assert [(e["id"], e["split"], e["text"], e["extra"]) for e in ex] == [("x", "s1", "hello, world", 1),
+                                                                          ("y", "s2", "bye", 2)]
+
+
+def test_csv_numbers_are_inferred_in_metadata_only(tmp_path, tok):
+    p = tmp_path / "d.csv"
+    p.write_text("id,split,text,n,score,zip,note,big,empty\n"
+                 "1,2,3,-4,0.25,007,1.,1e999,\n"
+                 "05,s,x,0,-1.5e-3,+5,.5,12345678901234567890,\n", encoding="utf-8")
+    prepare(p, tok, tmp_path / "o")
+    a, b = load_examples(tmp_path / "o" / "examples.jsonl")
+    assert (a["id"], a["split"], a["text"], b["id"]) == ("1", "2", "3", "05")  # never converted
+    assert (a["n"], a["score"], b["n"], b["score"]) == (-4, 0.25, 0, -1.5e-3)
+    assert type(a["n"]) is int and type(a["score"]) is float
+    assert (a["zip"], a["note"], a["big"], a["empty"]) == ("007", "1.", "1e999", "")
+    assert (b["zip"], b["note"], b["big"], b["empty"]) == ("+5", ".5", 12345678901234567890, "")
+
+
+@pytest.mark.parametrize("cell,want", [("42", 42), ("-7", -7), ("3.5", 3.5), ("2E3", 2000.0), ("0", 0),
+                                       ("007", "007"), ("-0.50", -0.5), ("1_000", "1_000"), (" 1", " 1"),
+                                       ("nan", "nan"), ("inf", "inf"), ("0x10", "0x10"), ("", ""), ("1.5.2", "1.5.2")])
+def test_csv_value(cell, want):
+    got = csv_value(cell)
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_byte_order_mark_is_ignored(tmp_path, tok, fmt):
+    body = ('id,split,text,label\na1,s,hello,1\na2,s,bye,0\n' if fmt == "csv" else
+            '{"id": "a1", "split": "s", "text": "hello", "label": 1}\n{"id": "a2", "split": "s", "text": "bye"}\n')
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "plain" / f"d.{fmt}").write_text(body, encoding="utf-8")
+    (tmp_path / "bom" / f"d.{fmt}").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    for d in ("plain", "bom"):
+        prepare(tmp_path / d / f"d.{fmt}", tok, tmp_path / d / "o")
+    with_bom = (tmp_path / "bom" / "o" / "examples.jsonl").read_text(encoding="utf-8")
+    assert with_bom == (tmp_path / "plain" / "o" / "examples.jsonl").read_text(encoding="utf-8")
+    assert [e["id"] for e in load_examples(tmp_path / "bom" / "o" / "examples.jsonl")] == ["a1", "a2"]
+
+
+@pytest.mark.parametrize("line,field", [
+    ('{"text": "ab\\ud800c"}', r"field 'text' is not valid Unicode \(lone surrogate U\+D800 at character 2\)"),
+    ('{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "\\udfff"}]}',
+     r"field 'messages\[1\]\.content' is not valid Unicode \(lone surrogate U\+DFFF"),
+    ('{"messages": [{"role": "\\ud83d", "content": "x"}]}', r"field 'messages\[0\]\.role' is not valid Unicode"),
+    ('{"text": "ok", "meta": {"tags": ["a", "\\udc00"]}}', r"field 'meta\.tags\[1\]' is not valid Unicode"),
+    ('{"text": "ok", "x\\ud800": 1}', r"a key of the record is not valid Unicode \(lone surrogate U\+D800"),
+])
+def test_lone_surrogate_is_refused(tmp_path, tok, line, field):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: " + field):
+        prepare(p, tok, tmp_path / "o")
+    assert not (tmp_path / "o" / "examples.jsonl").exists()
+
+
+def test_lone_surrogate_in_csv_messages_cell(tmp_path, tok):
+    p = tmp_path / "d.csv"
+    p.write_text('id,messages\nq,"[{""role"": ""user"", ""content"": ""\\ud800""}]"\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.csv:2: field 'messages\[0\]\.content' is not valid Unicode"):
+        prepare(p, tok, tmp_path / "o")
 
 
 @pytest.mark.parametrize("line,reason", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from layerscope.config import build_plan
 from layerscope.errors import ConfigError, ModelError
 from layerscope.models import fetch, parse_ref, peek_config
+from layerscope.reader import model_changes
 from layerscope.steps import fetch_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -99,3 +102,68 @@ def test_layer_out_of_range_after_download_fails_first_job(model_factory, tmp_pa
         build_plan(cfg, REPO / "workflow/schemas/config.schema.yaml", REPO, allow_download=False)
     want = "capture.layers: layer 9 is out of range for model acme/not-yet with 4 layers"
     assert want in str(job_err.value) and want in str(plan_err.value)
+
+
+def test_manifest_records_size_mtime_and_hash(model_factory, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_factory("llama-tiny")["path"], d)
+    m = fetch(parse_ref({"id": str(d)}), tmp_path / "x")
+    for e in m["files"]:
+        st = (d / e["path"]).stat()
+        assert set(e) == {"path", "bytes", "mtime_ns", "sha256"}
+        assert (e["bytes"], e["mtime_ns"]) == (st.st_size, st.st_mtime_ns) and len(e["sha256"]) == 64
+
+
+def _run_with(tmp_path: Path, model: dict, adapter: dict | None, split: bool = False, name: str = "run") -> Path:
+    """A run directory holding only model/manifest.json (and model/adapter.json if ``split``)."""
+    run = tmp_path / name
+    (run / "model").mkdir(parents=True, exist_ok=True)
+    (run / "model/manifest.json").write_text(json.dumps({"model": model, "adapter": None if split else adapter}))
+    if split:
+        (run / "model/adapter.json").write_text(json.dumps(adapter))
+    return run
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_model_changes_notices_an_adapter_retrained_in_place(model_factory, lora_adapter, tmp_path, split):
+    model = model_factory("llama-tiny")
+    ad = tmp_path / "adapter"
+    shutil.copytree(lora_adapter["path"], ad)
+    entry = fetch(parse_ref({"id": str(ad)}), tmp_path / "x", what="adapter")
+    run = _run_with(tmp_path, model, entry, split)
+    assert model_changes(run) == []
+    (ad / ".hidden").write_text("editor state")  # hidden files are not part of the manifest
+    assert model_changes(run) == []
+    weights = ad / "adapter_model.safetensors"
+    st = weights.stat()
+    weights.write_bytes(weights.read_bytes())  # retrained: same size, new contents and mtime
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    msg, = model_changes(run)
+    assert msg == (f"{run}: adapter {ad} changed on disk since this run was captured: adapter_model.safetensors "
+                   f"was modified; the activations may not match the files now in {ad}")
+    (ad / "adapter_config.json").unlink()
+    (ad / "notes.txt").write_text("new")
+    msg, = model_changes(run)
+    assert "adapter_config.json is missing (and 2 more)" in msg
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (ad / "notes.txt").unlink()
+    assert "adapter_config.json is missing;" in model_changes(run)[0]
+    shutil.rmtree(ad)
+    assert f"directory {ad} is missing" in model_changes(run)[0]
+
+
+def test_model_changes_model_entry_and_old_manifests(model_factory, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_factory("llama-tiny")["path"], d)
+    entry = fetch(parse_ref({"id": str(d)}), tmp_path / "x")
+    old = {**entry, "files": [{k: v for k, v in e.items() if k != "mtime_ns"} for e in entry["files"]]}
+    run = _run_with(tmp_path, old, None)
+    os.utime(d / "config.json", ns=(1, 1))
+    assert model_changes(run) == []  # manifests written before mtime_ns: sizes only
+    (d / "new.json").write_text("{}")
+    assert model_changes(run) == [f"{run}: model {d} changed on disk since this run was captured: new.json is new; "
+                                  f"the activations may not match the files now in {d}"]
+    assert "config.json was modified" in model_changes(_run_with(tmp_path, entry, None, name="new"))[0]
+    (run / "model/adapter.json").write_text("null")  # split manifest without an adapter
+    assert len(model_changes(run)) == 1
+    assert model_changes(tmp_path / "no-run") == []

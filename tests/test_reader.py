@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ import torch
 import zarr
 
 import layerscope
-from layerscope.errors import LayerScopeError
+from layerscope.dataset import example_text
+from layerscope.errors import IncompleteRunError, LayerScopeError
 from layerscope.reader import bf16_to_float32
 
 
@@ -72,7 +76,9 @@ def test_inspect_cli(run):
     assert "split 'EM': 9 examples" in out and "split 'Neutral': 10 examples" in out
     assert "layer_03/mlp_act" in out and "shape [" in out and "bytes on disk" in out
     ex0 = run.examples[0]
-    assert f"id={ex0['id']}" in out and repr(ex0["rendered"]) in out
+    assert f"id={ex0['id']}" in out and repr(example_text(ex0)) in out
+    assert "rendered" not in ex0 and f"text:   {ex0['text']!r}" in out  # shown once, not again in "fields"
+    assert "'text':" not in out
     assert out.count("\n[") == 2
     bad = subprocess.run([sys.executable, "-m", "layerscope", "inspect", str(run.path / "nope")],
                          capture_output=True, text=True)
@@ -80,3 +86,96 @@ def test_inspect_cli(run):
     bad = subprocess.run([sys.executable, "-m", "layerscope", "inspect", str(run.path), "--show-examples", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--show-examples" in bad.stderr
+
+
+@pytest.fixture
+def run_copy(demo, tmp_path):
+    """A private copy of the demo run, free to damage."""
+    shutil.copytree(demo / "results/demo", tmp_path / "demo", symlinks=True)
+    return tmp_path / "demo"
+
+
+def test_finished_run_opens_without_warnings(demo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layerscope.open(demo / "results/demo")
+
+
+def test_open_run_refuses_reads_while_an_array_is_rewritten(run_copy):
+    run = layerscope.open(run_copy)
+    acts = run.activations(1, "resid_post")
+    sub = acts[2:5]
+    other = run.activations(2, "mlp_out")
+    before, other_before = acts.numpy(), other.numpy()
+    marker = run_copy / "activations.zarr/layer_01/resid_post/parts/1.json"
+    good = marker.read_text()
+    job = json.loads(good)["job"]
+    # a re-run's job wrote its marker in place: same inode and size, another job id
+    marker.write_text(good.replace(job, "f" * len(job)))
+    reads = {"numpy": acts.numpy, "torch": acts.torch, "example": lambda: acts[0], "rows": lambda: acts.rows(0, 2),
+             "take": lambda: acts.take([0, 3]), "iter_shards": lambda: next(acts.iter_shards()),
+             "slice": sub.numpy, "view": lambda: run.activations(1, "resid_post"),
+             "split": lambda: run.activations(1, "resid_post", split="EM")}
+    for name, read in reads.items():
+        with pytest.raises(IncompleteRunError, match=r"layer_01/resid_post part 1 was removed or is being rewritten "
+                                                     r"since this run was opened"):
+            read()
+    np.testing.assert_array_equal(other.numpy(), other_before)  # other arrays are untouched
+    marker.unlink()  # Snakemake removes a job's outputs before it runs
+    with pytest.raises(IncompleteRunError, match="part 1 was removed"):
+        acts[0]
+    marker.write_text(good)
+    os.utime(marker, ns=(1, 1))  # touched but still the finalized job: reads go on
+    np.testing.assert_array_equal(acts.numpy(), before)
+    np.testing.assert_array_equal(sub.numpy(), before[int(run.offsets[2]):int(run.offsets[5])])
+
+
+def test_marker_check_is_cheap(run_copy, monkeypatch):
+    """Unchanged markers are stat'ed, never re-read, on every read after the first."""
+    import layerscope.reader as reader
+
+    acts = layerscope.open(run_copy).activations(0, "resid_post")
+    calls = []
+    monkeypatch.setattr(reader, "read_json", lambda p: calls.append(p) or json.loads(open(p).read()))
+    for i in range(5):
+        acts[i]
+    acts.numpy()
+    assert calls == []
+
+
+def test_negative_layers_count_from_the_models_last(run_copy):
+    run = layerscope.open(run_copy)
+    n = run.metadata["num_layers"]
+    assert n == 4
+    np.testing.assert_array_equal(run.activations(-1, "mlp_act").numpy(), run.activations(3, "mlp_act").numpy())
+    np.testing.assert_array_equal(run.activations(-4, "resid_post", split="EM")[0],
+                                  run.activations(0, "resid_post", split="EM")[0])
+    assert run.bytes_on_disk(-1, "mlp_act") == run.bytes_on_disk(3, "mlp_act")
+    with pytest.raises(LayerScopeError, match="layer -5 is out of range for a model with 4 layers"):
+        run.activations(-5, "resid_post")
+    # -1 is the model's last layer, not the last stored one: pretend the model has 6 layers
+    md = json.loads((run_copy / "metadata.json").read_text())
+    (run_copy / "metadata.json").write_text(json.dumps({**md, "num_layers": 6}))
+    run6 = layerscope.open(run_copy)
+    with pytest.raises(LayerScopeError, match="no array layer_05/resid_post"):
+        run6.activations(-1, "resid_post")
+    np.testing.assert_array_equal(run6.activations(-3, "attn_out").numpy(), run.activations(3, "attn_out").numpy())
+
+
+def test_open_warns_when_the_model_changed_on_disk(run_copy, tmp_path):
+    manifest = json.loads((run_copy / "model/manifest.json").read_text())
+    weights = tmp_path / "weights"
+    shutil.copytree(manifest["model"]["path"], weights)
+    from layerscope.models import fetch, parse_ref
+
+    manifest["model"] = fetch(parse_ref({"id": str(weights)}), tmp_path / "unused")
+    (run_copy / "model/manifest.json").write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layerscope.open(run_copy)
+    with open(weights / "config.json", "a") as f:
+        f.write("\n")
+    with pytest.warns(UserWarning, match=rf"{run_copy}: model {weights} changed on disk since this run was captured: "
+                                         r"config\.json changed size \(\d+ -> \d+ bytes\)") as got:
+        run = layerscope.open(run_copy)
+    assert len(got) == 1 and run.activations(0, "resid_post").shape[0] > 0  # a warning, not a refusal

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import layerscope
+from layerscope.dataset import example_text
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_heatmap_norms(summary, run):
         e = next(ex["index"] for ex in run.examples if ex["id"] == doc["id"])
         assert len(doc["toks"]) == run.examples[e]["n_tokens"] and doc["start"] == 0
         text = "".join(summary["texts"][t] for t in doc["toks"])
-        rendered = run.examples[e]["rendered"]  # real UTF-8 text, pieces merged
+        rendered = example_text(run.examples[e])  # real UTF-8 text, pieces merged
         assert text == rendered if not run.examples[e]["truncated"] else rendered.startswith(text)
         for j, L in enumerate(h["layers"]):
             want = np.linalg.norm(run.activations(L, "resid_post")[e].astype(np.float32), axis=1)

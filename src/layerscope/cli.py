@@ -43,6 +43,7 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
         p(f"  layer_{L:02d}/{s:<11} {a.positions:<4} shape {list(a.shape)!s:<14} {_human(nbytes)}")
     p(f"bytes on disk (activations) {_human(total)}")
     if show_examples:
+        from layerscope.dataset import example_text
         from layerscope.fileio import read_json
         from layerscope.models import load_tokenizer
         from layerscope.tokens import token_texts
@@ -53,9 +54,9 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
             pieces = token_texts(tok, ids)
             p(f"\n[{ex['index']}] id={ex['id']} split={ex['split']} tokens={ex['n_tokens']}"
               + (" (truncated)" if ex["truncated"] else ""))
-            p(f"  text:   {ex['rendered']!r}")
+            p(f"  text:   {example_text(ex)!r}")
             p("  tokens: " + " ".join(f"{i}:{t!r}" for i, t in zip(ids.tolist(), pieces)))
-            extra = {k: v for k, v in ex.items() if k not in ("index", "id", "split", "rendered", "n_tokens",
+            extra = {k: v for k, v in ex.items() if k not in ("index", "id", "split", "text", "rendered", "n_tokens",
                                                                "n_tokens_full", "truncated", "source_line")}
             if extra:
                 p(f"  fields: {extra}")

@@ -2,7 +2,9 @@
 
 Output of ``prepare``: ``token_ids.npy`` (flat int32 ids), ``offsets.npy`` (int64, one more
 than the examples: example i is ids[offsets[i]:offsets[i+1]]) and ``examples.jsonl`` (one
-record per example, in store order: grouped by split, in order of first appearance).
+record per example, in store order: grouped by split, in order of first appearance). The text
+the model saw is stored once: ``text`` for text records, ``rendered`` (the chat template's
+output, next to ``messages``) for chat records; ``example_text`` returns whichever it is.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,8 +25,32 @@ from layerscope.fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("layerscope.dataset")
 
-# Keys LayerScope adds to every example; a data set may not use them for its own fields.
+# Keys LayerScope adds to examples ("rendered" only to chat records); a data set may not use them for its own fields.
 GENERATED = ("index", "rendered", "n_tokens", "n_tokens_full", "truncated", "char_length", "source_line")
+# CSV columns that keep their cell as a string; other cells that look like numbers become numbers.
+CSV_STRING_FIELDS = ("id", "split", "text", "messages")
+# A JSON number (no leading zeros, no '+', no bare '.5'), so a CSV cell converts exactly when
+# the same value written in JSONL would be a number; "007", "+5", "1." or " 5" stay strings.
+_CSV_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def example_text(ex: dict[str, Any]) -> str:
+    """The text the model saw for an example of ``examples.jsonl``: the rendered chat, else ``text``."""
+    return ex["rendered"] if "rendered" in ex else ex["text"]
+
+
+def csv_value(cell: str) -> str | int | float:
+    """A CSV metadata cell as JSON would have it: int or float if it is a JSON number, else the string.
+
+    Empty cells stay empty strings; floats that overflow to infinity stay strings.
+    """
+    m = _CSV_NUMBER.fullmatch(cell)
+    if m is None:
+        return cell
+    if m.group(1) is None and m.group(2) is None:
+        return int(cell)
+    x = float(cell)
+    return x if math.isfinite(x) else cell
 
 
 def detect_format(path: Path, fmt: str) -> str:
@@ -36,7 +64,8 @@ def read_records(path: str | os.PathLike, fmt: str = "auto") -> Iterator[tuple[i
     path = Path(path)
     fmt = detect_format(path, fmt)
     try:
-        f = open(path, encoding="utf-8", newline="")
+        # utf-8-sig: a leading byte-order mark (Excel, Notepad) is dropped, not read as part of the header.
+        f = open(path, encoding="utf-8-sig", newline="")
     except OSError as e:
         raise DataError(f"{path}: cannot open data set: {e.strerror}") from e
     with f:
@@ -53,7 +82,8 @@ def read_records(path: str | os.PathLike, fmt: str = "auto") -> Iterator[tuple[i
                             row["messages"] = json.loads(row["messages"])
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}:{reader.line_num}: 'messages' cell is not JSON: {e.msg}") from e
-                    yield reader.line_num, {k: v for k, v in row.items() if not (k == "messages" and v == "")}
+                    yield reader.line_num, {k: v if k in CSV_STRING_FIELDS else csv_value(v) for k, v in row.items()
+                                            if not (k == "messages" and v == "")}
             else:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
@@ -92,6 +122,33 @@ def _check_record(path: Path, line: int, rec: dict[str, Any]) -> None:
     for key in GENERATED:
         if key in rec:
             raise DataError(f"{where}: field '{key}' is reserved for LayerScope's own metadata; rename it")
+    # JSON may escape a lone surrogate ("\ud800"): the tokenizer and the UTF-8 writer would fail on it later.
+    bad = _lone_surrogate(rec)
+    if bad is not None:
+        field, s, i = bad
+        raise DataError(f"{where}: {field} is not valid Unicode (lone surrogate U+{ord(s[i]):04X} at character {i})")
+
+
+def _lone_surrogate(obj: Any, field: str = "") -> tuple[str, str, int] | None:
+    """(field description, string, index) of the first string (or key) holding a lone surrogate, else None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"field '{field}'", obj, e.start
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            name = f"{field}.{k}" if field else str(k)
+            if isinstance(k, str) and (bad := _lone_surrogate(k, name)) is not None:
+                return f"a key of {'field ' + repr(field) if field else 'the record'}", k, bad[2]
+            if (bad := _lone_surrogate(v, name)) is not None:
+                return bad
+    elif isinstance(obj, list):
+        for j, v in enumerate(obj):
+            if (bad := _lone_surrogate(v, f"{field}[{j}]")) is not None:
+                return bad
+    return None
 
 
 def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt: str = "auto",
@@ -114,8 +171,6 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
             if not getattr(tokenizer, "chat_template", None):
                 raise DataError(f"{path}:{line}: record uses 'messages' but the model's tokenizer has no chat template")
             ex["rendered"] = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
-        else:
-            ex["rendered"] = rec["text"]
         examples.append(ex)
     if not examples:
         raise DataError(f"{path}: the data set has no records")
@@ -126,14 +181,14 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
     for ex in examples:
         # Chat templates already contain the special tokens they need.
         special = add_special_tokens and "messages" not in ex
-        ids = tokenizer(ex["rendered"], add_special_tokens=special)["input_ids"]
+        ids = tokenizer(example_text(ex), add_special_tokens=special)["input_ids"]
         if not ids:
             raise DataError(f"{path}:{ex['source_line']}: the text tokenizes to no tokens")
         ex["n_tokens_full"] = len(ids)
         ex["truncated"] = len(ids) > max_length
         ids = ids[:max_length]
         ex["n_tokens"] = len(ids)
-        ex["char_length"] = len(ex["rendered"])
+        ex["char_length"] = len(example_text(ex))
         ids_list.append(np.asarray(ids, dtype=np.int64))
     lengths = np.array([len(x) for x in ids_list], dtype=np.int64)
     offsets = np.zeros(len(ids_list) + 1, dtype=np.int64)
@@ -149,8 +204,9 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
     _save_npy(out / "offsets.npy", offsets)
     lines = []
     for ex in examples:
+        # Text records keep their 'text' (the text the model saw); chat records add 'rendered'.
         head = {k: ex[k] for k in ("index", "id", "split", "n_tokens", "n_tokens_full", "truncated", "char_length",
-                                   "source_line", "rendered")}
+                                   "source_line", "rendered") if k in ex}
         rest = {k: v for k, v in ex.items() if k not in head}
         lines.append(json.dumps({**head, **rest}, ensure_ascii=False))
     atomic_write_text(out / "examples.jsonl", "\n".join(lines) + "\n")

@@ -135,11 +135,20 @@ def _check_safetensors(d: Path, what: str) -> list[Path]:
     return weights
 
 
-def _file_entries(d: Path) -> list[dict[str, Any]]:
+def _file_entries(d: Path, digest: bool = True) -> list[dict[str, Any]]:
+    """path, bytes, mtime_ns (and sha256 if ``digest``) of every non-hidden file under ``d``.
+
+    mtime_ns lets a reader notice a directory changed in place (an adapter retrained into the
+    same folder) without hashing; reader.model_changes lists files with ``digest=False``.
+    """
     out = []
     for p in sorted(d.rglob("*")):
         if p.is_file() and not p.name.startswith("."):
-            out.append({"path": str(p.relative_to(d)), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+            st = p.stat()
+            e: dict[str, Any] = {"path": str(p.relative_to(d)), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if digest:
+                e["sha256"] = sha256_file(p)
+            out.append(e)
     return out
 
 

@@ -4,6 +4,10 @@
     acts = run.activations(7, "resid_post", split="EM")   # lazy view, nothing read yet
     x = acts[0]            # example 0 of the split: [hidden] ("last") or [n_tokens, hidden] ("all")
     for rows, block in acts.iter_shards(): ...             # bounded memory, shard by shard
+
+Every read checks, after it, that the capture jobs the store was finalized with still own the
+array (its ``parts/P.json`` markers): a Run opened before a re-run refuses to return rows the
+re-run is rewriting. Opening a run warns when its model or adapter files changed on disk.
 """
 
 from __future__ import annotations
@@ -29,6 +33,42 @@ def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+class PartMarkers:
+    """The completion markers ``parts/P.json`` of one array and the job ids the store was finalized with.
+
+    ``check`` costs one ``os.stat`` per part while nothing changed: a marker is re-read only when
+    its inode, size or mtime differs from the last time it was found good.
+    """
+
+    def __init__(self, root: Path, apath: str, jobs: list[str]) -> None:
+        self.root, self.apath, self.jobs = Path(root), apath, list(jobs)
+        self.paths = [self.root / apath / "parts" / f"{p}.json" for p in range(len(self.jobs))]
+        self._good: list[tuple[int, int, int] | None] = [None] * len(self.jobs)
+
+    def check(self) -> None:
+        """Raise IncompleteRunError if a part's marker is gone or names another job than at finalize."""
+        for p, path in enumerate(self.paths):
+            try:
+                st = os.stat(path)
+            except OSError:
+                self._fail(p)
+            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if sig == self._good[p]:
+                continue
+            # stat before reading: a marker replaced after the stat shows a new signature next time
+            try:
+                ok = read_json(path)["job"] == self.jobs[p]
+            except (OSError, ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                self._fail(p)
+            self._good[p] = sig
+
+    def _fail(self, part: int) -> None:
+        raise IncompleteRunError(f"{self.root}: {self.apath} part {part} was removed or is being rewritten since "
+                                 "this run was opened; wait for the workflow to finish, then open the run again")
+
+
 def _shard_map(array, attrs: dict[str, Any], array_dir: Path | None) -> ShardMap | None:
     """A direct reader for arrays LayerScope wrote uncompressed; None where zarr must decode."""
     layout = attrs.get("layout")
@@ -43,7 +83,7 @@ class Activations:
     """A lazy view of one layer x site array, optionally restricted to a range of examples."""
 
     def __init__(self, array, offsets: np.ndarray, e0: int, e1: int, array_dir: Path | None = None,
-                 direct: ShardMap | None = None) -> None:
+                 direct: ShardMap | None = None, markers: PartMarkers | None = None) -> None:
         self._a = array
         self.attrs: dict[str, Any] = dict(array.attrs)
         self.positions: str = self.attrs["positions"]
@@ -51,6 +91,7 @@ class Activations:
         self._off = offsets
         self.e0, self.e1 = e0, e1
         self._direct = direct if direct is not None else _shard_map(array, self.attrs, array_dir)
+        self._markers = markers
 
     def __len__(self) -> int:
         return self.e1 - self.e0
@@ -74,9 +115,25 @@ class Activations:
     def _convert(self, raw: np.ndarray, raw_bits: bool) -> np.ndarray:
         return bf16_to_float32(raw) if self.dtype == "bfloat16" and not raw_bits else raw
 
+    def _checked(self, read) -> np.ndarray:
+        """``read()``, refused if the array's capture jobs changed. Checking after the read suffices:
+        Snakemake deletes a capture job's markers (its outputs) before the job touches a shard, and
+        the job writes new ones, with new ids, last."""
+        if self._markers is None:
+            return read()
+        try:
+            out = read()
+        except Exception:
+            self._markers.check()  # a re-run in progress explains a failed read better than the error itself
+            raise
+        self._markers.check()
+        return out
+
     def _read(self, r0: int, r1: int) -> np.ndarray:
         """Absolute rows [r0, r1) of the array: straight from the shard files when uncompressed."""
-        return self._direct.read(r0, r1) if self._direct is not None else self._a[r0:r1]
+        if self._direct is not None:
+            return self._checked(lambda: self._direct.read(r0, r1))
+        return self._checked(lambda: self._a[r0:r1])
 
     def rows(self, r0: int, r1: int, raw: bool = False) -> np.ndarray:
         """Rows [r0, r1) of this view (view-relative)."""
@@ -87,8 +144,8 @@ class Activations:
         """Rows at arbitrary view-relative indices (e.g. random examples of a ``last`` array), in order."""
         idx = np.asarray(indices, dtype=np.int64) + self.row_range[0]
         if self._direct is not None:
-            return self._convert(self._direct.take(idx), raw)
-        return self._convert(self._a.get_orthogonal_selection((idx, slice(None))), raw)
+            return self._convert(self._checked(lambda: self._direct.take(idx)), raw)
+        return self._convert(self._checked(lambda: self._a.get_orthogonal_selection((idx, slice(None)))), raw)
 
     def example(self, i: int, raw: bool = False) -> np.ndarray:
         """Example i of this view: [width] for ``last`` arrays, [n_tokens, width] for ``all`` arrays."""
@@ -105,7 +162,7 @@ class Activations:
             start, stop, step = i.indices(len(self))
             if step == 1:
                 return Activations(self._a, self._off, self.e0 + start, self.e0 + max(start, stop),
-                                   direct=self._direct)
+                                   direct=self._direct, markers=self._markers)
             return [self.example(k) for k in range(start, stop, step)]
         return self.example(int(i))
 
@@ -157,7 +214,10 @@ class Run:
 
         check_complete(self.path / STORE, dict(self.group.attrs))
         self._info = dict(self.group.attrs)["layerscope"]
+        self._markers: dict[str, PartMarkers] = {}
         self.offsets: np.ndarray = self.group["tokens/offsets"][:]
+        for msg in model_changes(self.path):
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}: {self.metadata.get('model_name')}, {len(self)} examples, "
@@ -202,8 +262,18 @@ class Run:
         """Token ids of example i."""
         return self.group["tokens/ids"][int(self.offsets[i]):int(self.offsets[i + 1])]
 
+    def layer_index(self, layer: int) -> int:
+        """A layer number as stored: negative numbers count from the end of the model's layers (-1: the last)."""
+        n = int(self.metadata["num_layers"])
+        if layer < 0:
+            if layer < -n:
+                raise LayerScopeError(f"{self.path}: layer {layer} is out of range for a model with {n} layers")
+            return n + layer
+        return layer
+
     def activations(self, layer: int, site: str = "resid_post", split: str | None = None) -> Activations:
-        """Lazy view of one layer x site, for one split or for all examples."""
+        """Lazy view of one layer x site (layer -1 is the model's last), for one split or for all examples."""
+        layer = self.layer_index(layer)
         key = f"layer_{layer:02d}/{site}"
         if (layer, site) not in self.arrays:
             raise LayerScopeError(f"{self.path}: no array {key} (stored: "
@@ -213,7 +283,12 @@ class Run:
             if split not in self.splits:
                 raise LayerScopeError(f"{self.path}: no split {split!r} (splits: {', '.join(self.splits)})")
             e0, e1 = self.splits[split]
-        return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.path / STORE / key)
+        markers = self._markers.get(key)
+        if markers is None and key in self._info["jobs"]:
+            markers = self._markers[key] = PartMarkers(self.path / STORE, key, self._info["jobs"][key])
+        if markers is not None:
+            markers.check()
+        return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.path / STORE / key, markers=markers)
 
     def iter_shards(self, layer: int, site: str = "resid_post", split: str | None = None):
         return self.activations(layer, site, split).iter_shards()
@@ -221,8 +296,52 @@ class Run:
     def bytes_on_disk(self, layer: int | None = None, site: str | None = None) -> int:
         root = self.path / STORE
         if layer is not None:
-            root = root / f"layer_{layer:02d}" / (site or "")
+            root = root / f"layer_{self.layer_index(layer):02d}" / (site or "")
         return builtins.sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def _file_changes(directory: Path, recorded: list[dict[str, Any]]) -> list[str]:
+    """How the files of ``directory`` differ from the manifest's entries, by path: size and mtime only,
+    never a hash (models are large). Entries of older manifests have no mtime_ns; only sizes count there."""
+    from layerscope.models import _file_entries
+
+    if not directory.is_dir():
+        return [f"directory {directory} is missing"]
+    was = {e["path"]: e for e in recorded}
+    now = {e["path"]: e for e in _file_entries(directory, digest=False)}
+    out = []
+    for path in sorted(was.keys() | now.keys()):
+        a, b = was.get(path), now.get(path)
+        if b is None:
+            out.append(f"{path} is missing")
+        elif a is None:
+            out.append(f"{path} is new")
+        elif a["bytes"] != b["bytes"]:
+            out.append(f"{path} changed size ({a['bytes']} -> {b['bytes']} bytes)")
+        elif "mtime_ns" in a and a["mtime_ns"] != b["mtime_ns"]:
+            out.append(f"{path} was modified")
+    return out
+
+
+def model_changes(run_dir: str | os.PathLike) -> list[str]:
+    """One message per model or adapter directory whose files no longer match ``model/manifest.json``
+    (the adapter's entry may live alone in ``model/adapter.json``, which then wins); [] if all match."""
+    run_dir = Path(run_dir)
+    mdir = run_dir / "model"
+    if not (mdir / "manifest.json").is_file():
+        return []
+    manifest = read_json(mdir / "manifest.json")
+    adapter = read_json(mdir / "adapter.json") if (mdir / "adapter.json").is_file() else manifest.get("adapter")
+    out = []
+    for what, m in (("model", manifest.get("model")), ("adapter", adapter)):
+        if not m or "files" not in m:
+            continue
+        changes = _file_changes(Path(m["path"]), m["files"])
+        if changes:
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            out.append(f"{run_dir}: {what} {m.get('id', m['path'])} changed on disk since this run was captured: "
+                       f"{changes[0]}{more}; the activations may not match the files now in {m['path']}")
+    return out
 
 
 def open(path: str | os.PathLike) -> Run:  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
