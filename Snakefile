@@ -32,4 +32,5 @@ rule all:
         f"{RESULTS}/metadata.json",
         f"{RESULTS}/dashboard/index.html",
         missing_markers,
+        missing_boundaries,
     default_target: True

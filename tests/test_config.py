@@ -30,7 +30,8 @@ def with_change(path: str, value) -> dict:
 def test_default_config_plans_groups_and_parts():
     plan = build_plan(DEFAULT, SCHEMA, REPO)
     assert plan.layers == [0, 1, 2, 3]
-    assert plan.groups == {"L00-01": [0, 1], "L02-03": [2, 3]}
+    assert [(b.name, b.layers, b.reads_boundary, b.writes_boundary) for b in plan.blocks] == [
+        ("L00-01", (0, 1), False, True), ("L02-03", (2, 3), True, False)]
     assert plan.parts == 2
     assert len(plan.arrays()) == 16
     assert plan.config["store"]["compression"] == "none"  # schema defaults are filled in
@@ -83,7 +84,34 @@ def test_key_order_does_not_change_params():
                  for k, v in reversed(list(DEFAULT.items()))}
     a, b = build_plan(DEFAULT, SCHEMA, REPO), build_plan(reordered, SCHEMA, REPO)
     assert repr(a.config["model"]) == repr(b.config["model"])
-    assert all(repr(a.job_params(g)) == repr(b.job_params(g)) for g in a.groups)
+    assert all(repr(a.job_params(x)) == repr(b.job_params(y)) for x, y in zip(a.blocks, b.blocks))
+
+
+@pytest.mark.parametrize("layers,per_job,blocks", [
+    ([0, 1, 2, 3], 1, [("L00-00", (0,)), ("L01-01", (1,)), ("L02-02", (2,)), ("L03-03", (3,))]),
+    ([2], 1, [("L00-00", ()), ("L01-01", ()), ("L02-02", (2,))]),   # relays below the first captured layer
+    ([1], 3, [("L00-02", (1,))]),                                      # fixed blocks: runs to layer 2
+    ([3], 3, [("L00-02", ()), ("L03-03", (3,))]),                      # the model's last block is short
+])
+def test_blocks_are_fixed_ranges(layers, per_job, blocks):
+    cfg = with_change("capture.layers", layers)
+    cfg["capture"]["layers_per_job"] = per_job
+    plan = build_plan(cfg, SCHEMA, REPO)
+    assert [(b.name, b.layers) for b in plan.blocks] == blocks
+    # every block hands the stream on, except the model's last; adding a layer never regroups
+    assert [b.writes_boundary for b in plan.blocks] == [b.end < 3 for b in plan.blocks]
+    more = build_plan({**cfg, "capture": {**cfg["capture"], "layers": sorted(set(layers) | {0})}}, SCHEMA, REPO)
+    assert [b.name for b in more.blocks] == [name for name, _ in blocks]
+    assert [b.layers for b in more.blocks[1:]] == [ls for _, ls in blocks[1:]]
+
+
+def test_max_length_beyond_the_models_positions():
+    cfg = with_change("model.id", "builtin:gpt2-tiny")
+    cfg["dataset"]["max_length"] = 1025
+    with pytest.raises(ConfigError, match=r"dataset\.max_length: 1025 is more than the 1024 positions builtin:gpt2-tiny"):
+        build_plan(cfg, SCHEMA, REPO)
+    cfg["dataset"]["max_length"] = 1024
+    build_plan(cfg, SCHEMA, REPO)
 
 
 MOE_MLP_ACT = ("capture.sites: mlp_act is not defined for mixtral (a sparse mixture-of-experts MLP: each expert "

@@ -13,7 +13,6 @@ from layerscope.config import build_plan
 from layerscope.errors import ConfigError, ModelError
 from layerscope.models import fetch, parse_ref, peek_config
 from layerscope.reader import model_changes
-from layerscope.steps import fetch_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = Path(__file__).resolve().parents[1]
@@ -80,28 +79,19 @@ def test_local_directory_and_adapter(model_factory, lora_adapter, tmp_path):
         fetch(parse_ref({"id": m["path"]}), tmp_path / "z", what="adapter")
 
 
-def test_layer_out_of_range_after_download_fails_first_job(model_factory, tmp_path):
-    """A hub model not in the cache at planning time is planned from the listed layers; the
-    fetch job then fails with the same message planning gives for a known model."""
+def test_planning_needs_the_models_config(model_factory, tmp_path):
+    """A hub model whose config.json is neither cached nor downloadable cannot be planned (the
+    chain of layer blocks needs its depth): one message saying so. Once the cache holds it,
+    layers are checked against the real depth before any job runs."""
+    schema = REPO / "workflow/schemas/config.schema.yaml"
     cfg = {"run": "x", "model": {"id": "acme/not-yet"}, "dataset": {"path": str(REPO / "config/datasets/demo.jsonl")},
            "hub_cache": str(tmp_path / "empty"), "capture": {"layers": [0, 9]}}
-    plan = build_plan(cfg, REPO / "workflow/schemas/config.schema.yaml", REPO, allow_download=False)
-    assert plan.layers == [0, 9] and plan.dims is None
-    with pytest.raises(ConfigError, match="needs the number of layers"):
-        build_plan({**cfg, "capture": {"layers": "all"}}, REPO / "workflow/schemas/config.schema.yaml", REPO,
-                   allow_download=False)
-    # now "download" it: the cache gets the model, and the fetch job checks the planned layers
-    src = Path(model_factory("llama-tiny")["path"])
-    cache = make_hub_cache(tmp_path / "empty", "acme/not-yet", src)
-    with pytest.raises(ConfigError) as job_err:
-        fetch_model(model={"id": "acme/not-yet"}, adapter=None, hub_cache=str(cache), layers=plan.layers,
-                    weights_dir=str(tmp_path / "w"), adapter_dir=str(tmp_path / "a"),
-                    manifest_out=str(tmp_path / "manifest.json"))
-    assert not (tmp_path / "manifest.json").exists()
-    with pytest.raises(ConfigError) as plan_err:
-        build_plan(cfg, REPO / "workflow/schemas/config.schema.yaml", REPO, allow_download=False)
-    want = "capture.layers: layer 9 is out of range for model acme/not-yet with 4 layers"
-    assert want in str(job_err.value) and want in str(plan_err.value)
+    with pytest.raises(ConfigError, match=r"model\.id: the config\.json of acme/not-yet is not in the hub cache"):
+        build_plan(cfg, schema, REPO, allow_download=False)
+    make_hub_cache(tmp_path / "empty", "acme/not-yet", Path(model_factory("llama-tiny")["path"]))
+    with pytest.raises(ConfigError, match="capture.layers: layer 9 is out of range for model acme/not-yet with 4"):
+        build_plan(cfg, schema, REPO, allow_download=False)
+    assert build_plan({**cfg, "capture": {"layers": [0, -1]}}, schema, REPO, allow_download=False).layers == [0, 3]
 
 
 def test_manifest_records_size_mtime_and_hash(model_factory, tmp_path):
@@ -120,7 +110,7 @@ def _run_with(tmp_path: Path, model: dict, adapter: dict | None, split: bool = F
     (run / "model").mkdir(parents=True, exist_ok=True)
     (run / "model/manifest.json").write_text(json.dumps({"model": model, "adapter": None if split else adapter}))
     if split:
-        (run / "model/adapter.json").write_text(json.dumps(adapter))
+        (run / "model/adapter.json").write_text(json.dumps({"adapter": adapter}))
     return run
 
 
@@ -164,6 +154,6 @@ def test_model_changes_model_entry_and_old_manifests(model_factory, tmp_path):
     assert model_changes(run) == [f"{run}: model {d} changed on disk since this run was captured: new.json is new; "
                                   f"the activations may not match the files now in {d}"]
     assert "config.json was modified" in model_changes(_run_with(tmp_path, entry, None, name="new"))[0]
-    (run / "model/adapter.json").write_text("null")  # split manifest without an adapter
+    (run / "model/adapter.json").write_text(json.dumps({"adapter": None}))  # split manifest without an adapter
     assert len(model_changes(run)) == 1
     assert model_changes(tmp_path / "no-run") == []

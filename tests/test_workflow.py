@@ -21,7 +21,7 @@ def test_outputs(demo):
               "activations.zarr/zarr.json", "metadata.json", "run_config.json", "summaries/summary.json",
               "dashboard/index.html"]:
         assert (run / f).is_file(), f
-    for rule in ["fetch_model", "prepare_dataset", "store", "metadata", "summarize", "dashboard",
+    for rule in ["fetch_model", "fetch_adapter", "prepare_dataset", "store", "metadata", "summarize", "dashboard",
                  "capture/L00-01_part0", "capture/L02-03_part1"]:
         assert (demo / "logs/demo" / f"{rule}.log").is_file(), rule
     assert (run / "benchmarks/capture_L00-01_part0.tsv").is_file()
@@ -62,7 +62,7 @@ def test_one_layer_change_reruns_only_its_job(demo):
     original = cfg_path.read_text()
     try:
         cfg = yaml.safe_load(original)
-        cfg["capture"]["overrides"] = {"3": {"sites": ["resid_post", "mlp_act"]}}
+        cfg["capture"]["overrides"] = {"3": {"positions": "last"}}
         cfg_path.write_text(yaml.safe_dump(cfg))
         jobs = planned_jobs(demo)
         assert jobs == sorted([("capture_L02-03", (("part", "0"),)), ("capture_L02-03", (("part", "1"),))]

@@ -157,22 +157,40 @@ class Plan:
         """(layer, site, positions) of every array a block's job writes."""
         return [(L, s, self.settings[L]["positions"]) for L in block.layers for s in self.settings[L]["sites"]]
 
-    def job_params(self, block: Block) -> dict[str, Any]:
-        """What decides the bytes of every output of a block's job, and nothing else.
+    def recorded_config(self) -> dict[str, Any]:
+        """The config as ``run_config.json`` records it: everything that decides the data, without the
+        settings that only say where and how jobs run, or how the page looks (those re-run nothing
+        upstream of them, so they must not make the metadata stale either)."""
+        cfg = copy.deepcopy(self.config)
+        cfg["capture"]["layers"] = self.layers  # `all` and the list of every layer are the same data
+        for key in ("device", "threads", "boundaries"):
+            del cfg["capture"][key]
+        del cfg["dashboard"]
+        if self.model.kind != "hub" and (self.adapter is None or self.adapter.kind != "hub"):
+            del cfg["hub_cache"]
+        return cfg
 
-        Which arrays a job writes, and at which positions, is named by its output paths, not
-        its params: removing a layer or a site then re-runs no capture job (``store`` drops the
-        array), and a change that touches one layer re-runs only its block (Snakemake compares
-        params per job). Everything here also shapes the boundaries, so it is the same for all
-        blocks: a job never reads a boundary computed under other settings.
+    def capture_settings(self) -> dict[str, Any]:
+        """What decides the bytes of every capture job's outputs, other than its layers.
+
+        Which arrays a job writes, and at which positions, is named by its output paths instead:
+        removing a layer or a site then re-runs no capture job (``store`` drops the array), and a
+        change that touches one layer re-runs only its block. Everything here also shapes the
+        boundaries, so it is the same for all blocks and a job never reads a boundary computed
+        under other settings. The workflow writes it to a file every capture job reads, so a
+        change reaches every block even where Snakemake skips a job whose only link to a re-run
+        job below is its (ancient) boundary.
         """
         c = self.config["capture"]
         return {
-            "block": [block.start, block.end],
             "dtype": c["dtype"], "batch_size": c["batch_size"], "padding_side": c["padding_side"],
             "parts": c["parts"], "model_dtype": self.config["model"]["dtype"],
             "trust_remote_code": self.config["model"]["trust_remote_code"], "store": self.config["store"],
         }
+
+    def job_params(self, block: Block) -> dict[str, Any]:
+        """A block's job: its layer range and the shared capture settings."""
+        return {"block": [block.start, block.end], **self.capture_settings()}
 
 
 def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir: str | os.PathLike = ".",
@@ -184,11 +202,14 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     data = data if data.is_absolute() else base / data
     if not data.is_file():
         raise ConfigError(f"config error: dataset.path: file {data} does not exist")
-    cfg["dataset"]["path"] = str(data)
+    # Relative to the working directory where possible: moving a project must not re-run it.
+    cfg["dataset"]["path"] = str(data.relative_to(base)) if data.is_relative_to(base) else str(data)
     fmt = cfg["dataset"]["format"]
     if fmt == "auto" and data.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv"):
         raise ConfigError(f"config error: dataset.format: cannot tell the format of {data.name} from its suffix; "
                           "set dataset.format to jsonl or csv")
+    if fmt == "auto":  # resolved, so that naming the format a file already has re-runs nothing
+        cfg["dataset"]["format"] = "csv" if data.suffix.lower() == ".csv" else "jsonl"
     if not cfg["dataset"]["name"]:
         cfg["dataset"]["name"] = data.stem
     try:

@@ -6,7 +6,7 @@
     for rows, block in acts.iter_shards(): ...             # bounded memory, shard by shard
 
 Every read checks, after it, that the capture jobs the store was finalized with still own the
-array (its ``parts/P.json`` markers): a Run opened before a re-run refuses to return rows the
+array (its ``parts/P-POSITIONS.json`` markers): a Run opened before a re-run refuses to return rows the
 re-run is rewriting. Opening a run warns when its model or adapter files changed on disk.
 """
 
@@ -34,15 +34,19 @@ def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
 
 
 class PartMarkers:
-    """The completion markers ``parts/P.json`` of one array and the job ids the store was finalized with.
+    """The completion markers ``parts/P-POSITIONS.json`` of one array and the job ids the store was finalized with.
 
     ``check`` costs one ``os.stat`` per part while nothing changed: a marker is re-read only when
     its inode, size or mtime differs from the last time it was found good.
     """
 
-    def __init__(self, root: Path, apath: str, jobs: list[str]) -> None:
+    def __init__(self, root: Path, apath: str, jobs: list[str], positions: str) -> None:
+        from layerscope.store import marker_path
+
         self.root, self.apath, self.jobs = Path(root), apath, list(jobs)
-        self.paths = [self.root / apath / "parts" / f"{p}.json" for p in range(len(self.jobs))]
+        layer, site = apath.split("/")
+        self.paths = [marker_path(self.root, int(layer.removeprefix("layer_")), site, p, positions)
+                      for p in range(len(self.jobs))]
         self._good: list[tuple[int, int, int] | None] = [None] * len(self.jobs)
 
     def check(self) -> None:
@@ -285,7 +289,8 @@ class Run:
             e0, e1 = self.splits[split]
         markers = self._markers.get(key)
         if markers is None and key in self._info["jobs"]:
-            markers = self._markers[key] = PartMarkers(self.path / STORE, key, self._info["jobs"][key])
+            markers = self._markers[key] = PartMarkers(self.path / STORE, key, self._info["jobs"][key],
+                                                                self._info["positions"][key])
         if markers is not None:
             markers.check()
         return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.path / STORE / key, markers=markers)
@@ -331,7 +336,8 @@ def model_changes(run_dir: str | os.PathLike) -> list[str]:
     if not (mdir / "manifest.json").is_file():
         return []
     manifest = read_json(mdir / "manifest.json")
-    adapter = read_json(mdir / "adapter.json") if (mdir / "adapter.json").is_file() else manifest.get("adapter")
+    adapter = ((read_json(mdir / "adapter.json") or {}).get("adapter") if (mdir / "adapter.json").is_file()
+               else manifest.get("adapter"))
     out = []
     for what, m in (("model", manifest.get("model")), ("adapter", adapter)):
         if not m or "files" not in m:

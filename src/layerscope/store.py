@@ -129,6 +129,10 @@ def group_metadata(attrs: dict[str, Any] | None = None) -> bytes:
 def prepare_array(root: Path, layer: int, site: str, part: int, layout: Layout, meta: bytes) -> None:
     """Write the array's metadata and remove this part's old shards (and, for the last part, any beyond the end)."""
     apath = root / array_path(layer, site)
+    # The part's marker goes first: a reader that opened the run before this re-run then refuses
+    # the array instead of reading shards that are about to change.
+    for old in (apath / "parts").glob(f"{part}-*.json"):
+        old.unlink()
     atomic_write_bytes(root / f"layer_{layer:02d}" / "zarr.json", group_metadata({"layer": layer}))
     atomic_write_bytes(apath / "zarr.json", meta)
     cdir = apath / "c"

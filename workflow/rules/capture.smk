@@ -1,3 +1,18 @@
+rule capture_settings:
+    output:
+        SETTINGS,
+    params:
+        settings=PLAN.capture_settings(),
+    log:
+        f"logs/{RUN}/capture_settings.log",
+    localrule: True
+    run:
+        from layerscope.fileio import write_json
+
+        write_json(output[0], params.settings)
+        Path(log[0]).write_text(f"capture settings written to {output[0]}\n")
+
+
 # One rule per block of `layers_per_job` consecutive model layers, each run once per part of the
 # examples. Within a part the blocks form a chain: each starts from the residual stream the
 # block below handed on. A block's params are the same for every block; what it captures is
@@ -14,7 +29,7 @@ for _block in PLAN.blocks:
         params:
             job=PLAN.job_params(_block),
             group=_block.name,
-            store=STORE,
+            store=lambda w, input: os.path.join(os.path.dirname(input.settings), "activations.zarr"),
         threads: capture_threads()
         log:
             f"logs/{RUN}/capture/{_block.name}_part{{part}}.log",

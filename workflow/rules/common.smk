@@ -31,6 +31,7 @@ STORE = f"{RESULTS}/activations.zarr"
 MANIFEST = f"{RESULTS}/model/manifest.json"
 ADAPTER = f"{RESULTS}/model/adapter.json"
 DATASET = f"{RESULTS}/dataset"
+SETTINGS = f"{RESULTS}/capture_settings.json"
 
 
 wildcard_constraints:
@@ -54,6 +55,7 @@ def capture_inputs(block):
     inputs = {
         "manifest": MANIFEST,
         "adapter": ADAPTER,
+        "settings": SETTINGS,
         "ids": f"{DATASET}/token_ids.npy",
         "offsets": f"{DATASET}/offsets.npy",
     }
@@ -78,6 +80,19 @@ def missing_markers(wildcards):
     depends on it is up to date; asking for exactly these makes a deleted array re-run its job
     (and keeps the listing of `all` short when nothing is missing)."""
     return [m for m in all_markers(wildcards) if not os.path.exists(m)]
+
+
+def missing_boundaries(wildcards):
+    """Kept boundaries not on disk, for the same reason: a deleted one is made again."""
+    if config["capture"]["boundaries"] != "keep":
+        return []
+    paths = (
+        boundary_path(RESULTS, b.end + 1, p)
+        for b in PLAN.blocks
+        if b.writes_boundary
+        for p in range(PLAN.parts)
+    )
+    return [str(b) for b in paths if not b.exists()]
 
 
 def local_files(ref):

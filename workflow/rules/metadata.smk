@@ -8,7 +8,7 @@ rule metadata:
         metadata=f"{RESULTS}/metadata.json",
         run_config=f"{RESULTS}/run_config.json",
     params:
-        config=config,
+        config=PLAN.recorded_config(),
         store=lambda w, input: os.path.dirname(input.store),
     log:
         f"logs/{RUN}/metadata.log",

@@ -24,7 +24,7 @@ rule fetch_adapter:
         manifest=ADAPTER,
     params:
         adapter=source_params("adapter"),
-        adapter_dir=f"{RESULTS}/model/adapter",
+        adapter_dir=lambda w, output: os.path.join(os.path.dirname(output.manifest), "adapter"),
     log:
         f"logs/{RUN}/fetch_adapter.log",
     resources:
