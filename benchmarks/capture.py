@@ -147,7 +147,8 @@ def run(args, scratch: Path) -> int:
         for w, sites in WORKLOADS.items():
             arrays = [(f"{s}_{i:02d}", (tokens, I if s == "mlp_act" else H)) for i in range(L) for s in sites]
             nbytes[w] = sum(a * b * 2 for _, (a, b) in arrays)
-            params = {"layers": {str(i): {"sites": sites, "positions": "all"} for i in range(L)}, "dtype": "float16",
+            captures = [(i, s, "all") for i in range(L) for s in sites]
+            params = {"block": [0, L - 1], "dtype": "float16",
                       "batch_size": bs, "padding_side": "right", "parts": 1, "model_dtype": "float32",
                       "trust_remote_code": False,
                       "store": {"chunk_mib": 2, "shard_mib": 64, "compression": "none", "compression_level": 3}}
@@ -160,7 +161,7 @@ def run(args, scratch: Path) -> int:
                 if method in ("forward", "body"):
                     bare_forward(model, ids, n, seq, bs, args.device, body_only=method == "body")
                 elif method == "capture":
-                    run_capture(scratch / "manifest.json", ds, target, params, 0, device=args.device,
+                    run_capture(manifest, ds, target, params, 0, captures, device=args.device,
                                 group=w, loaded=(model, tok))
                 elif method == "naive":
                     naive(model, ids, n, seq, bs, args.device, sites, target)

@@ -41,7 +41,7 @@ def prepare_texts(tmp: Path, model: dict, texts=TEXTS) -> Path:
 
 
 def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, name: str = "store",
-                  layers_per_job: int | None = None) -> Path:
+                  layers_per_job: int | None = None, device: str = "cpu") -> Path:
     """Capture ``params["layers"]`` (as make_params builds it) for every part, as the workflow
     does: one job per block of ``layers_per_job`` layers (default: one block up to the highest
     captured layer), chained by boundary files; then finalize the store. Returns the store root."""
@@ -58,7 +58,7 @@ def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, na
             captures = [(L, s, v["positions"]) for L, v in sorted(layers.items()) if start <= L <= end
                         for s in v["sites"]]
             job = {k: v for k, v in params.items() if k != "layers"} | {"block": [start, end]}
-            run_capture(manifest, dataset_dir, root, job, p, captures, device="cpu", group="test",
+            run_capture(manifest, dataset_dir, root, job, p, captures, device=device, group="test",
                         boundary_in=boundary_path(tmp / f"{name}-chain", start, p) if start else None,
                         boundary_out=boundary_path(tmp / f"{name}-chain", end + 1, p) if end < total - 1 else None)
     ids, offsets = load_tokens(dataset_dir)

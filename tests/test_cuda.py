@@ -9,9 +9,8 @@ import pytest
 import torch
 import zarr
 
-from layerscope.capture import run_capture
 from layerscope.models import resolve_device
-from tests.helpers import make_params, prepare_texts, reference
+from tests.helpers import capture_store, make_params, prepare_texts, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,7 +24,7 @@ def test_cuda_capture_matches_cpu_reference(tmp_path, model_factory, positions):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     sites = ["resid_post", "attn_out", "mlp_out", "mlp_act"]
     params = make_params({L: {"sites": sites, "positions": positions} for L in range(4)}, parts=1)
-    run_capture(tmp_path / "manifest.json", ds, tmp_path / "s.zarr", params, 0, device="auto", group="gpu")
+    capture_store(tmp_path, manifest, params, ds, name="s", layers_per_job=2, device="auto")
     ref = reference(manifest, ds)
     for L in range(4):
         for s in sites:

@@ -179,3 +179,13 @@ def test_open_warns_when_the_model_changed_on_disk(run_copy, tmp_path):
                                          r"config\.json changed size \(\d+ -> \d+ bytes\)") as got:
         run = layerscope.open(run_copy)
     assert len(got) == 1 and run.activations(0, "resid_post").shape[0] > 0  # a warning, not a refusal
+
+
+def test_inspect_flags_out_of_range_values(run_copy):
+    md = json.loads((run_copy / "metadata.json").read_text())
+    md["arrays"]["layer_02/resid_post"].update(nonfinite=7, clipped=5)
+    (run_copy / "metadata.json").write_text(json.dumps(md))
+    out = subprocess.run([sys.executable, "-m", "layerscope", "inspect", str(run_copy)], capture_output=True,
+                         text=True, check=True).stdout
+    flagged = [line for line in out.splitlines() if "NaN/inf" in line]
+    assert len(flagged) == 1 and "layer_02/resid_post" in flagged[0] and "7 NaN/inf (5 out of float16 range)" in flagged[0]

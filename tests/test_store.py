@@ -215,3 +215,36 @@ def test_overlapped_writes_equal_synchronous_writes(tmp_path, model_factory, mon
     assert len(base) >= 6
     for key, files in stores.items():
         assert files == base, key
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_out_of_range_values_are_counted(tmp_path, model_factory, dtype, caplog):
+    """float16 turns values beyond 65504 into inf: counted per array in the markers and the store,
+    with a warning that suggests bfloat16, which keeps float32's range."""
+    import shutil as sh
+
+    from safetensors.torch import load_file, save_file
+
+    from layerscope.store import marker_path
+
+    src = model_factory("llama-tiny")
+    d = tmp_path / "loud"
+    sh.copytree(src["path"], d)
+    weights = load_file(d / "model.safetensors")
+    weights["model.embed_tokens.weight"] *= 1e6  # a residual stream far beyond float16's range
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    m = {**src, "path": str(d)}
+    ds = prepare_texts(tmp_path, m)
+    params = make_params({0: {"sites": ["resid_post"], "positions": "all"}}, dtype=dtype, parts=1)
+    with caplog.at_level("WARNING", logger="layerscope"):
+        root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
+    marker = json.loads(marker_path(root, 0, "resid_post", 0, "all").read_text())
+    counts = dict(zarr.open_group(str(root), mode="r").attrs)["layerscope"]["nonfinite"]["layer_00/resid_post"]
+    stored = zarr.open_array(str(root / "layer_00/resid_post"), mode="r")[:]
+    if dtype == "float16":
+        n_inf = int(np.isinf(stored).sum())
+        assert n_inf > 0 and marker["nonfinite"] == marker["clipped"] == n_inf == counts["nonfinite"]
+        assert "bfloat16" in caplog.text and "out of float16 range" in caplog.text
+    else:
+        assert marker["nonfinite"] == marker["clipped"] == 0 == counts["clipped"]
+        assert "NaN or inf" not in caplog.text

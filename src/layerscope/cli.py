@@ -40,7 +40,10 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
         a = run.activations(L, s)
         nbytes = run.bytes_on_disk(L, s)
         total += nbytes
-        p(f"  layer_{L:02d}/{s:<11} {a.positions:<4} shape {list(a.shape)!s:<14} {_human(nbytes)}")
+        bad = md.get("arrays", {}).get(f"layer_{L:02d}/{s}", {})
+        warn = (f"  ! {bad['nonfinite']} NaN/inf ({bad['clipped']} out of {md['dtype']} range)"
+                if bad.get("nonfinite") else "")
+        p(f"  layer_{L:02d}/{s:<11} {a.positions:<4} shape {list(a.shape)!s:<14} {_human(nbytes)}{warn}")
     p(f"bytes on disk (activations) {_human(total)}")
     if show_examples:
         from layerscope.dataset import example_text
