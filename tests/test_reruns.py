@@ -147,3 +147,25 @@ def test_adding_a_layer_runs_only_new_blocks(workdir, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     got = sorted(f"{r}:{dict(w)['part']}" if w else r for r, w in planned_jobs(workdir, configfile=path))
     assert got == sorted(["capture_L01-01:0", "capture_L01-01:1", "capture_L02-02:0", "capture_L02-02:1"] + DOWN)
+
+
+def test_weights_changed_in_a_local_directory_rerun_what_depends_on_them(workdir, tmp_path, model_factory):
+    """An adapter retrained into the same folder (here: the model's weights rewritten in place)
+    must not leave stale activations: the directory's files are inputs of the fetch."""
+    local = tmp_path / "my-model"
+    shutil.copytree(model_factory("llama-tiny")["path"], local)
+    cfg = {"run": "local", "model": {"id": str(local)}, "dataset": {"path": "config/datasets/demo.jsonl"},
+           "capture": {"layers": [0]}}
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_snakemake(workdir, "--cores", "2", "store", configfile=path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert planned_jobs(workdir, configfile=path) == [("all", ()), ("dashboard", ()), ("metadata", ()),
+                                                       ("summarize", ())]
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(local / "model.safetensors")
+    w["model.layers.0.mlp.down_proj.weight"] *= 2
+    save_file(w, local / "model.safetensors", metadata={"format": "pt"})
+    got = {rule for rule, _ in planned_jobs(workdir, configfile=path)}
+    assert {"fetch_model", "fetch_adapter", "prepare_dataset", "capture_L00-03", "store"} <= got
