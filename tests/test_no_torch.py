@@ -79,3 +79,17 @@ def test_local_fetch_and_tokenization_do_not_import_torch(model_factory, tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "ds" / "token_ids.npy").is_file()
+
+
+def test_tables_read_from_source_equal_transformers():
+    """The ast-read copies of AutoTokenizer's tables are what transformers builds at import."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
+                                                            TOKENIZER_MAPPING_NAMES)
+
+    from layerscope.models import _OPTIONAL, _auto_tokenizer_tables
+
+    names, incorrect, known = _auto_tokenizer_tables()
+    assert known == set(CONFIG_MAPPING_NAMES) and incorrect == MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+    assert set(names) == set(TOKENIZER_MAPPING_NAMES)
+    assert all(v == TOKENIZER_MAPPING_NAMES[k] for k, v in names.items() if v != _OPTIONAL)

@@ -286,7 +286,7 @@ def _tokenizer_class(d: Path):
     Mirrors AutoTokenizer.from_pretrained for a local directory with tokenizer.json and no remote
     code; returns None (use AutoTokenizer) for anything else: other transformers majors, auto_map,
     model types AutoTokenizer's tables do not name, Mistral, SentencePiece-only tokenizers.
-    tests/test_models.py checks the result against AutoTokenizer on the built-in models.
+    tests/test_no_torch.py checks the result against AutoTokenizer on the built-in models.
     """
     import transformers
 
@@ -303,9 +303,10 @@ def _tokenizer_class(d: Path):
             or not isinstance(declared, str) or not isinstance(model_type, str) or not model_type):
         return None
     tables = _auto_tokenizer_tables()
-    if tables is None:
+    # A model type AutoConfig does not know makes AutoTokenizer read it as "": not mirrored.
+    if tables is None or model_type not in tables[2]:
         return None
-    names, incorrect = tables
+    names, incorrect, _ = tables
     from transformers import TokenizersBackend
 
     registered = names.get(model_type)  # None for model types AutoTokenizer has no entry for, as there
@@ -333,6 +334,8 @@ def _transformers_class(name: str):
 
     if name in _GENERIC_TOKENIZERS:
         return transformers.TokenizersBackend
+    if not name.endswith(("Tokenizer", "Backend")):
+        return None  # not a tokenizer class name: leave it to AutoTokenizer
     try:
         return getattr(transformers, name)
     except (AttributeError, ImportError):
@@ -340,14 +343,15 @@ def _transformers_class(name: str):
 
 
 _OPTIONAL = "?"  # a table entry that depends on an optional package (sentencepiece, mistral_common)
-_TABLES: tuple[dict[str, str | None], set[str]] | None = None
+_TABLES: tuple[dict[str, str | None], set[str], set[str]] | None = None
 
 
-def _auto_tokenizer_tables() -> tuple[dict[str, str | None], set[str]] | None:
-    """AutoTokenizer's model type -> class table and its set of model types whose hub class is wrong.
+def _auto_tokenizer_tables() -> tuple[dict[str, str | None], set[str], set[str]] | None:
+    """AutoTokenizer's model type -> class table, its set of model types whose hub class is wrong,
+    and the model types AutoConfig knows.
 
-    Read from the source of transformers.models.auto.tokenization_auto with ``ast`` (importing the
-    module imports torch). None if the source no longer has the expected shape.
+    Read from the source of transformers.models.auto (tokenization_auto, configuration_auto) with
+    ``ast``: importing those modules imports torch. None if the source no longer has the expected shape.
     """
     global _TABLES
     if _TABLES is not None:
@@ -358,11 +362,25 @@ def _auto_tokenizer_tables() -> tuple[dict[str, str | None], set[str]] | None:
 
     try:
         # By path, not find_spec: importing the transformers.models package alone costs ~0.3 s.
-        source = Path(transformers.__file__).parent / "models" / "auto" / "tokenization_auto.py"
-        tree = ast.parse(source.read_text(encoding="utf-8"))
+        auto = Path(transformers.__file__).parent / "models" / "auto"
         names: dict[str, str | None] = {}
         incorrect: set[str] | None = None
-        for node in tree.body:
+        # AutoConfig's model types: auto_mappings' table plus what configuration_auto adds to it.
+        known: set[str] = set()
+        for f in ("auto_mappings.py", "configuration_auto.py"):
+            for node in ast.walk(ast.parse((auto / f).read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CONFIG_MAPPING_NAMES":
+                    arg = node.value.args[0] if isinstance(node.value, ast.Call) and node.value.args else None
+                    if isinstance(arg, ast.List):
+                        known |= {ast.literal_eval(item.elts[0]) for item in arg.elts}
+                    for kw in getattr(node.value, "keywords", []):  # OrderedDict(**{"gpt-sw3": ...}, **...)
+                        if isinstance(kw.value, ast.Dict):
+                            known |= {ast.literal_eval(k) for k in kw.value.keys}
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update"
+                      and getattr(node.func.value, "id", None) == "CONFIG_MAPPING_NAMES"
+                      and node.args and isinstance(node.args[0], ast.Dict)):
+                    known |= {ast.literal_eval(k) for k in node.args[0].keys}
+        for node in ast.parse((auto / "tokenization_auto.py").read_text(encoding="utf-8")).body:
             target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
             tname = getattr(target, "id", None)
             if tname == "TOKENIZER_MAPPING_NAMES" and isinstance(node.value, ast.Call):
@@ -371,13 +389,13 @@ def _auto_tokenizer_tables() -> tuple[dict[str, str | None], set[str]] | None:
                     names[ast.literal_eval(key)] = _table_value(val)
             elif tname == "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS":
                 incorrect = set(ast.literal_eval(node.value))
-        if not names or incorrect is None:
+        if not names or incorrect is None or not known:
             return None
     except Exception:  # another layout of the module: let AutoTokenizer decide
         return None
     for model_type in incorrect:  # as tokenization_auto does at import
         names.setdefault(model_type, "TokenizersBackend")
-    _TABLES = (names, incorrect)
+    _TABLES = (names, incorrect, known)
     return _TABLES
 
 
