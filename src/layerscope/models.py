@@ -97,33 +97,46 @@ class Dims:
 
 
 def dims_from_config(cfg: dict[str, Any]) -> Dims:
-    """Read layer count and widths from a config.json dict of any common causal LM."""
-    from transformers import AutoConfig
+    """Read layer count and widths from a config.json dict of any common causal LM.
 
+    The raw keys answer for every common architecture; transformers' AutoConfig (which imports
+    torch, ~2.7 s) is consulted only for a width the file leaves to the config class's default.
+    """
     text_cfg = cfg.get("text_config") or cfg
-    try:
-        c = AutoConfig.for_model(**{k: v for k, v in text_cfg.items() if k != "auto_map"})
-    except Exception:  # unknown model_type (remote code): fall back to the raw keys
-        c = None
 
-    def pick(*names: str) -> Any:
-        for n in names:
-            v = getattr(c, n, None) if c is not None else None
-            if v is None:
-                v = text_cfg.get(n)
-            if v is not None:
-                return v
-        return None
+    def raw(*names: str) -> Any:
+        return next((text_cfg[n] for n in names if text_cfg.get(n) is not None), None)
 
-    layers = pick("num_hidden_layers", "n_layer", "num_layers")
-    hidden = pick("hidden_size", "n_embd", "d_model")
+    layers = raw("num_hidden_layers", "n_layer", "num_layers")
+    hidden = raw("hidden_size", "n_embd", "d_model")
+    inter = raw("intermediate_size", "n_inner", "ffn_dim")
+    # GPT-2 style configs say "n_inner": null to mean 4 x hidden: nothing is missing then.
+    if layers is None or hidden is None or (inter is None and "n_inner" not in text_cfg):
+        c = _auto_config(text_cfg)
+
+        def pick(*names: str) -> Any:
+            return next((v for n in names if (v := getattr(c, n, None)) is not None), None) if c else None
+
+        layers = layers if layers is not None else pick("num_hidden_layers", "n_layer", "num_layers")
+        hidden = hidden if hidden is not None else pick("hidden_size", "n_embd", "d_model")
+        inter = inter if inter is not None else pick("intermediate_size", "n_inner", "ffn_dim")
     if layers is None or hidden is None:
         raise ModelError("config.json names no number of layers or hidden size")
-    inter = pick("intermediate_size", "n_inner", "ffn_dim") or 4 * int(hidden)
+    inter = inter or 4 * int(hidden)
     arch = (cfg.get("architectures") or [str(text_cfg.get("model_type", "unknown"))])[0]
     dtype = cfg.get("dtype") or cfg.get("torch_dtype")
     return Dims(arch, str(text_cfg.get("model_type", "unknown")), int(layers), int(hidden), int(inter),
                 str(dtype) if dtype else None)
+
+
+def _auto_config(text_cfg: dict[str, Any]):
+    """The transformers config object of a config dict (class defaults filled in), or None if unknown."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**{k: v for k, v in text_cfg.items() if k != "auto_map"})
+    except Exception:  # unknown model_type (remote code): only the raw keys are known
+        return None
 
 
 def _check_safetensors(d: Path, what: str) -> list[Path]:
@@ -254,10 +267,151 @@ def load_model(manifest: dict[str, Any], device: str = "cpu", dtype: str = "floa
 
 
 def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    """The model's tokenizer, exactly as ``AutoTokenizer.from_pretrained`` would load it.
 
+    AutoTokenizer imports torch (~2.7 s) only to read the model config; where the class it would
+    choose can be told from the JSON files alone (see ``_tokenizer_class``), that class is used
+    directly, so jobs that only tokenize never import torch.
+    """
     m = manifest["model"]
     try:
+        cls = _tokenizer_class(Path(m["path"]))
+        if cls is not None:
+            return cls.from_pretrained(m["path"], _from_auto=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(m["path"], trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelError(f"model.id: cannot load the tokenizer of {m['id']} from {m['path']}: {e}") from e
+
+
+# The generic backends: a tokenizer.json loaded as it is.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend")
+
+
+def _tokenizer_class(d: Path):
+    """The tokenizer class AutoTokenizer (transformers 5) would pick for directory ``d``, without importing torch.
+
+    Mirrors AutoTokenizer.from_pretrained for a local directory with tokenizer.json and no remote
+    code; returns None (use AutoTokenizer) for anything else: other transformers majors, auto_map,
+    model types AutoTokenizer's tables do not name, Mistral, SentencePiece-only tokenizers.
+    tests/test_no_torch.py checks the result against AutoTokenizer on the built-in models.
+    """
+    import transformers
+
+    if not transformers.__version__.startswith("5."):
+        return None
+    try:
+        tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    declared = tok_cfg.get("tokenizer_class")
+    model_type = cfg.get("model_type")
+    if (not (d / "tokenizer.json").is_file() or "auto_map" in tok_cfg or "auto_map" in cfg or "model_name" in cfg
+            or not isinstance(declared, str) or not isinstance(model_type, str) or not model_type):
+        return None
+    tables = _auto_tokenizer_tables()
+    # A model type AutoConfig does not know makes AutoTokenizer read it as "": not mirrored.
+    if tables is None or model_type not in tables[2]:
+        return None
+    names, incorrect, _ = tables
+    from transformers import TokenizersBackend
+
+    registered = names.get(model_type)  # None for model types AutoTokenizer has no entry for, as there
+    if registered == _OPTIONAL or "Mistral" in (registered or "") or "Mistral" in declared:
+        return None
+    if (declared.removesuffix("Fast") == "LlamaTokenizer" and model_type not in incorrect
+            and TokenizersBackend._tokenizer_json_has_byte_level(str(d))):
+        return TokenizersBackend
+    if registered is not None and registered.removesuffix("Fast") != declared.removesuffix("Fast"):
+        # AutoTokenizer trusts the declared class unless the model type is known to declare a wrong one.
+        name = registered.removesuffix("Fast") if model_type in incorrect else declared
+        if registered.removesuffix("Fast") in _GENERIC_TOKENIZERS:
+            return TokenizersBackend
+        if name.endswith("Fast") and name != "PreTrainedTokenizerFast":
+            return None  # AutoTokenizer looks "XFast" up in its alias registry: not mirrored
+        cls = _transformers_class(name)
+        return cls if cls is not None and cls.__name__ not in _GENERIC_TOKENIZERS else TokenizersBackend
+    cls = _transformers_class(declared.removesuffix("Fast"))
+    return TokenizersBackend if cls is None or cls.__name__ in _GENERIC_TOKENIZERS else cls
+
+
+def _transformers_class(name: str):
+    """A tokenizer class of transformers by name, or None (never triggers torch: tokenizer modules are torch-free)."""
+    import transformers
+
+    if name in _GENERIC_TOKENIZERS:
+        return transformers.TokenizersBackend
+    if not name.endswith(("Tokenizer", "Backend")):
+        return None  # not a tokenizer class name: leave it to AutoTokenizer
+    try:
+        return getattr(transformers, name)
+    except (AttributeError, ImportError):
+        return None
+
+
+_OPTIONAL = "?"  # a table entry that depends on an optional package (sentencepiece, mistral_common)
+_TABLES: tuple[dict[str, str | None], set[str], set[str]] | None = None
+
+
+def _auto_tokenizer_tables() -> tuple[dict[str, str | None], set[str], set[str]] | None:
+    """AutoTokenizer's model type -> class table, its set of model types whose hub class is wrong,
+    and the model types AutoConfig knows.
+
+    Read from the source of transformers.models.auto (tokenization_auto, configuration_auto) with
+    ``ast``: importing those modules imports torch. None if the source no longer has the expected shape.
+    """
+    global _TABLES
+    if _TABLES is not None:
+        return _TABLES
+    import ast
+
+    import transformers
+
+    try:
+        # By path, not find_spec: importing the transformers.models package alone costs ~0.3 s.
+        auto = Path(transformers.__file__).parent / "models" / "auto"
+        names: dict[str, str | None] = {}
+        incorrect: set[str] | None = None
+        # AutoConfig's model types: auto_mappings' table plus what configuration_auto adds to it.
+        known: set[str] = set()
+        for f in ("auto_mappings.py", "configuration_auto.py"):
+            for node in ast.walk(ast.parse((auto / f).read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CONFIG_MAPPING_NAMES":
+                    arg = node.value.args[0] if isinstance(node.value, ast.Call) and node.value.args else None
+                    if isinstance(arg, ast.List):
+                        known |= {ast.literal_eval(item.elts[0]) for item in arg.elts}
+                    for kw in getattr(node.value, "keywords", []):  # OrderedDict(**{"gpt-sw3": ...}, **...)
+                        if isinstance(kw.value, ast.Dict):
+                            known |= {ast.literal_eval(k) for k in kw.value.keys}
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update"
+                      and getattr(node.func.value, "id", None) == "CONFIG_MAPPING_NAMES"
+                      and node.args and isinstance(node.args[0], ast.Dict)):
+                    known |= {ast.literal_eval(k) for k in node.args[0].keys}
+        for node in ast.parse((auto / "tokenization_auto.py").read_text(encoding="utf-8")).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            tname = getattr(target, "id", None)
+            if tname == "TOKENIZER_MAPPING_NAMES" and isinstance(node.value, ast.Call):
+                for item in node.value.args[0].elts:
+                    key, val = item.elts
+                    names[ast.literal_eval(key)] = _table_value(val)
+            elif tname == "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS":
+                incorrect = set(ast.literal_eval(node.value))
+        if not names or incorrect is None or not known:
+            return None
+    except Exception:  # another layout of the module: let AutoTokenizer decide
+        return None
+    for model_type in incorrect:  # as tokenization_auto does at import
+        names.setdefault(model_type, "TokenizersBackend")
+    _TABLES = (names, incorrect, known)
+    return _TABLES
+
+
+def _table_value(node: Any) -> str | None:
+    """One value of TOKENIZER_MAPPING_NAMES: a name, None, or ``"Name" if is_tokenizers_available() else None``."""
+    import ast
+
+    if isinstance(node, ast.IfExp):
+        return ast.literal_eval(node.body) if ast.unparse(node.test) == "is_tokenizers_available()" else _OPTIONAL
+    return ast.literal_eval(node)
