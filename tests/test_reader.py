@@ -107,7 +107,7 @@ def test_open_run_refuses_reads_while_an_array_is_rewritten(run_copy):
     sub = acts[2:5]
     other = run.activations(2, "mlp_out")
     before, other_before = acts.numpy(), other.numpy()
-    marker = run_copy / "activations.zarr/layer_01/resid_post/parts/1.json"
+    marker = run_copy / "activations.zarr/layer_01/resid_post/parts/1-all.json"
     good = marker.read_text()
     job = json.loads(good)["job"]
     # a re-run's job wrote its marker in place: same inode and size, another job id

@@ -14,7 +14,6 @@ safetensors reader can open it, and no pickle is involved.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from pathlib import Path
@@ -147,12 +146,3 @@ class Boundary:
 
         block = torch.from_numpy(np.array(self._data[t0:t1]))
         return block.view(torch.bfloat16) if self.dtype == "bfloat16" else block
-
-
-def boundary_bytes(n_tokens: int, hidden: int, dtype: str) -> int:
-    """Bytes of one boundary file's data."""
-    return n_tokens * hidden * np.dtype(ST_DTYPES[dtype][1]).itemsize
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
