@@ -51,3 +51,83 @@ def test_top_and_bottom_k_are_exact(summary, run):
             row = int(run.offsets[e]) + doc["start"] + pos
             assert vals[row] == pytest.approx(v)
             assert len(doc["toks"]) <= 2 * ctx + 1  # only the context window is kept
+
+
+def brute_force(x: np.ndarray, k: int):
+    """Per column, the k highest and lowest values and rows by a full stable sort (NaN as 0; ties: earlier row)."""
+    x = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
+    top_r = np.argsort(-x, axis=0, kind="stable")[:k].T
+    bot_r = np.argsort(x, axis=0, kind="stable")[:k].T
+    cols = np.arange(x.shape[1])[:, None]
+    return x[top_r, cols], top_r, x[bot_r, cols], bot_r
+
+
+class FakeActivations:
+    """Just what neuron_extremes reads of a reader view: width, dtype and iter_shards (raw bits for bfloat16)."""
+
+    def __init__(self, x: np.ndarray, dtype: str, shard_rows: list[int]):
+        self.x, self.dtype, self.shard_rows, self.width = x, dtype, shard_rows, x.shape[1]
+
+    def iter_shards(self, raw: bool = False):
+        from layerscope.reader import bf16_to_float32
+
+        r = 0
+        for n in self.shard_rows:
+            block = self.x[r:r + n]
+            if self.dtype == "bfloat16":
+                bits = (block.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+                block = bits if raw else bf16_to_float32(bits)
+            yield (r, r + n), block.copy()
+            r += n
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_neuron_extremes_match_a_full_sort(dtype, k):
+    from layerscope.summaries import neuron_extremes
+
+    rng = np.random.default_rng(k)
+    n, w = 700, 37
+    x = rng.standard_normal((n, w)).astype(np.float32) * 4
+    x[:, 0] = 0.0  # a dead neuron: every value tied
+    x[::3, 1] = 2.5  # many ties at the top
+    x[::5, 2] = -2.5  # many ties at the bottom
+    x[10, 3], x[400, 3], x[11, 3] = np.nan, np.inf, -np.inf
+    x[::7, 4] = -0.0  # -0.0 ties with 0.0
+    x[:, 5] = np.round(x[:, 5])  # a few distinct values
+    x[50:, 6] = 1e6  # overflows float16 to inf
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float16)
+    elif dtype == "bfloat16":  # values bfloat16 holds exactly
+        x = ((x.view(np.uint32) >> 16) << 16).view(np.float32)
+    want = brute_force(x.astype(np.float32), k)
+    # one shard; shards with a partial block; a shard smaller than k; many small shards
+    for shards in ([n], [333, 367], [2, 698], [64] * 10 + [60]):
+        got = neuron_extremes(FakeActivations(x, dtype, shards), k)
+        for g, e, name in zip(got, want, ("top_v", "top_r", "bot_v", "bot_r")):
+            np.testing.assert_array_equal(g, e, err_msg=f"{name}, shards {shards}")
+
+
+def test_neuron_extremes_on_a_store(tmp_path, model_factory):
+    """Through the reader, on a real multi-shard store: the same as a full sort of the array."""
+    import zarr
+
+    from layerscope.dataset import load_tokens
+    from layerscope.reader import Activations
+    from layerscope.summaries import neuron_extremes
+    from tests.helpers import capture_store, make_params, prepare_texts
+
+    manifest = {"model": model_factory("llama-tiny"), "adapter": None}
+    ds = prepare_texts(tmp_path, manifest["model"])
+    params = make_params({1: {"sites": ["mlp_act"], "positions": "all"}}, dtype="float16", parts=2,
+                         chunk_mib=0.004, shard_mib=0.008)
+    root = capture_store(tmp_path, manifest, params, ds)
+    _, offsets = load_tokens(ds)
+    key = "layer_01/mlp_act"
+    acts = Activations(zarr.open_group(str(root), mode="r")[key], offsets, 0, len(offsets) - 1, array_dir=root / key)
+    assert len(list(acts.iter_shards())) > 1
+    x = acts.numpy()
+    for k in (1, 4, 8):
+        for g, e in zip(neuron_extremes(acts, k), brute_force(x.astype(np.float32), k)):
+            np.testing.assert_array_equal(g, e)

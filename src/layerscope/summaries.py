@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from layerscope.reader import Run
@@ -33,40 +32,143 @@ def pick_examples(run: Run, n: int) -> list[int]:
     return sorted(out)
 
 
+BLOCK = 16  # rows per block when pruning a shard by block maxima; small blocks keep few candidates
+
+# Stored dtype -> (integer type of the same width, bit pattern of +inf). A float's sign and
+# magnitude bits, read as a two's complement integer (-magnitude for negative numbers), sort as the
+# floats do, so every comparison below is an exact integer comparison with no float conversion.
+_BITS = {"float16": (np.int16, 0x7C00), "bfloat16": (np.int16, 0x7F80), "float32": (np.int32, 0x7F800000)}
+
+
+def order_keys(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Integers that sort as the values do, with -0.0 equal to 0.0 and NaN counted as 0 (as torch.nan_to_num did)."""
+    itype, inf_bits = _BITS[dtype]
+    b = raw.view(itype)
+    key = b & np.iinfo(itype).max  # magnitude
+    sign = b >> (8 * b.itemsize - 1)  # 0, or -1 for negative numbers
+    key ^= sign
+    key -= sign
+    if key.max() > inf_bits or key.min() < -inf_bits:  # NaN; two reductions are cheaper than a mask
+        key[np.abs(key) > inf_bits] = 0
+    return key
+
+
+def key_values(key: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 values of ``order_keys`` output."""
+    itype, _ = _BITS[dtype]
+    utype = np.uint16 if itype is np.int16 else np.uint32
+    key = key.astype(itype)
+    bits = np.abs(key).astype(utype) | ((key < 0).astype(utype) << (8 * key.itemsize - 1))
+    if dtype == "bfloat16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16 if dtype == "float16" else np.float32).astype(np.float32)
+
+
+def _candidates(key: np.ndarray, r0: int, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, rows, columns) of one shard [n, width] that hold every column's k largest (smallest) entries.
+
+    The k-th largest block maximum t is a lower bound of a column's k-th largest value, so only
+    blocks whose maximum is above t, and the first k (in row order) whose maximum equals t, can
+    hold its top k: that keeps about k * BLOCK rows per column, ties broken by row as in a full sort.
+    """
+    n, w = key.shape
+    nb = n // BLOCK
+    if nb <= k:
+        return key.ravel(), np.repeat(np.arange(r0, r0 + n), w), np.tile(np.arange(w), n)
+    blocks = key[:nb * BLOCK].reshape(nb, BLOCK, w)
+    m = blocks.max(axis=1) if largest else blocks.min(axis=1)
+    t = np.partition(m, nb - k if largest else k - 1, axis=0)[nb - k if largest else k - 1]
+    reach = m >= t if largest else m <= t
+    beyond = m > t if largest else m < t
+    bi, ci = np.nonzero(beyond | (reach & (np.cumsum(reach, axis=0, dtype=np.int32) <= k)))
+    rows = (bi[:, None] * BLOCK + np.arange(BLOCK)).ravel()
+    cols = np.repeat(ci, BLOCK)
+    if nb * BLOCK < n:  # rows after the last whole block are always candidates
+        rows = np.concatenate([rows, np.repeat(np.arange(nb * BLOCK, n), w)])
+        cols = np.concatenate([cols, np.tile(np.arange(w), n - nb * BLOCK)])
+    return key[rows, cols], rows + r0, cols
+
+
+def _best(keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, width: int, k: int,
+          largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, the k largest (smallest) keys, earlier rows first among equal keys: [width, k] keys and rows.
+
+    Each column's candidates come in increasing row order, so a stable sort on (column, key) alone
+    breaks ties by row: one integer sort instead of a three-key lexsort.
+    """
+    bits = 8 * keys.itemsize
+    oriented = (~keys if largest else keys).astype(np.int64) + (1 << (bits - 1))  # ~ reverses without overflow
+    order = np.argsort((cols.astype(np.int64) << bits) | oriented, kind="stable")
+    counts = np.bincount(cols, minlength=width)
+    rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    pick = order[rank < k]
+    return keys[pick].reshape(width, k), rows[pick].reshape(width, k)
+
+
 def neuron_extremes(acts, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per neuron, the k highest and k lowest values and their rows: (top_v, top_r, bot_v, bot_r), [width, k]."""
+    """Per neuron, the k highest and k lowest values and their rows: (top_v, top_r, bot_v, bot_r), [width, k].
+
+    Values are ordered as a full sort would order them (highest first, lowest first), equal values
+    by row; NaN counts as 0. Shard by shard, with exact integer comparisons on the stored bits.
+    """
     width = acts.width
-    top_v = torch.full((0, width), -math.inf)
-    top_r = torch.zeros((0, width), dtype=torch.long)
-    bot_v = torch.full((0, width), math.inf)
-    bot_r = torch.zeros((0, width), dtype=torch.long)
-    for (r0, r1), block in acts.iter_shards():
-        x = torch.from_numpy(np.asarray(block, dtype=np.float32))
-        x = torch.nan_to_num(x, nan=0.0)
-        rows = torch.arange(r0, r1).unsqueeze(1).expand(-1, width)
-        cv, cr = torch.cat([top_v, x]), torch.cat([top_r, rows])
-        kk = min(k, cv.shape[0])
-        v, i = torch.topk(cv, kk, dim=0)
-        top_v, top_r = v, torch.gather(cr, 0, i)
-        cv, cr = torch.cat([bot_v, x]), torch.cat([bot_r, rows])
-        v, i = torch.topk(cv, kk, dim=0, largest=False)
-        bot_v, bot_r = v, torch.gather(cr, 0, i)
-    return top_v.T.numpy(), top_r.T.numpy(), bot_v.T.numpy(), bot_r.T.numpy()
+    kind = acts.dtype if acts.dtype in _BITS else "float32"
+    best: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+    seen = 0
+    for (r0, r1), block in acts.iter_shards(raw=kind == acts.dtype):
+        if kind != acts.dtype:  # a dtype without a bit-order rule: compare as float32
+            block = np.asarray(block, dtype=np.float32)
+        key = order_keys(block, kind)
+        seen += r1 - r0
+        kk = min(k, seen)
+        for largest in (True, False):
+            keys, rows, cols = _candidates(key, r0, kk, largest)
+            if largest in best:  # the running best so far competes with this shard's candidates
+                bk, br = best[largest]
+                keys = np.concatenate([bk.ravel(), keys])
+                rows = np.concatenate([br.ravel(), rows])
+                cols = np.concatenate([np.repeat(np.arange(width), bk.shape[1]), cols])
+            best[largest] = _best(keys, rows, cols, width, kk, largest)
+    if not best:
+        empty_v, empty_r = np.zeros((width, 0), np.float32), np.zeros((width, 0), np.int64)
+        return empty_v, empty_r, empty_v, empty_r
+    (tk, tr), (bk, br) = best[True], best[False]
+    return key_values(tk, kind), tr, key_values(bk, kind), br
+
+
+def missing_heatmap(run: Run, heatmap_examples: int) -> str | None:
+    """Why the run has no token x layer heatmap, naming the config keys that give one; None if it has one."""
+    if heatmap_examples <= 0:
+        return "No token x layer heatmap: dashboard.heatmap_examples is 0; set it above 0."
+    resid = [L for L, s in run.arrays if s == "resid_post"]
+    if not resid:
+        return ("No token x layer heatmap: resid_post was not captured; add resid_post to capture.sites "
+                "with capture.positions: all.")
+    if not any(run.activations(L, "resid_post").positions == "all" for L in resid):
+        return ("No token x layer heatmap: resid_post was captured at the last position only; capture it "
+                "with capture.positions: all (or per layer in capture.overrides).")
+    return None
+
+
+def missing_neurons(run: Run, site: str) -> str | None:
+    """Why the run has no neuron lists for ``site``, naming the config keys that give them; None if it has them."""
+    if any(s == site for _, s in run.arrays):
+        return None
+    return (f"No neuron lists: {site} (dashboard.site) was not captured; add {site} to capture.sites, "
+            f"or set dashboard.site to a captured site ({', '.join(run.sites) or 'none'}).")
 
 
 def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int = 8, neurons_per_layer: int = 64,
               heatmap_examples: int = 20, trust_remote_code: bool = False) -> dict[str, Any]:
     """Build the dashboard's summary dict (see layerscope.dashboard for its shape)."""
     from layerscope.fileio import read_json
-    from layerscope.models import load_tokenizer
-    from layerscope.tokens import token_texts
+    from layerscope.tokens import TokenTexts, load_decoder
 
     run = Run(run_dir)
     md = run.metadata
-    tokenizer = load_tokenizer(read_json(run.path / "model" / "manifest.json"), trust_remote_code)
+    pieces = TokenTexts(load_decoder(read_json(run.path / "model" / "manifest.json"), trust_remote_code))
     doc_index: dict[tuple[int, int, int], int] = {}
     docs: list[dict[str, Any]] = []
-    texts: list[str] = []
     text_index: dict[str, int] = {}
     token_cache: dict[int, list[int]] = {}
 
@@ -74,13 +176,7 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
         """Index of the doc holding tokens [start, end) of example e (the whole example by default).
         Neuron entries keep only their context window, so the page stays small for long examples."""
         if e not in token_cache:
-            toks = []
-            for t in token_texts(tokenizer, run.tokens(e)):
-                if t not in text_index:
-                    text_index[t] = len(texts)
-                    texts.append(t)
-                toks.append(text_index[t])
-            token_cache[e] = toks
+            token_cache[e] = [text_index.setdefault(t, len(text_index)) for t in pieces(run.tokens(e))]
         toks = token_cache[e]
         key = (e, start, len(toks) if end is None else end)
         if key not in doc_index:
@@ -89,43 +185,45 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
             docs.append({"id": ex["id"], "split": ex["split"], "start": start, "toks": toks[key[1]:key[2]]})
         return doc_index[key]
 
+    notes = {"heatmap": missing_heatmap(run, heatmap_examples), "neurons": missing_neurons(run, site)}
+    for note in notes.values():
+        if note:
+            log.warning("%s", note)
+
     heatmap = None
-    resid_layers = [L for L, s in run.arrays if s == "resid_post"
-                    and run.activations(L, s).positions == "all"]
-    if resid_layers and heatmap_examples > 0:
+    if notes["heatmap"] is None:
+        resid_layers = [L for L, s in run.arrays if s == "resid_post" and run.activations(L, s).positions == "all"]
         chosen = pick_examples(run, heatmap_examples)
-        norms = [[[] for _ in resid_layers] for _ in chosen]
+        norms: list[list[list[float | None]]] = [[[] for _ in resid_layers] for _ in chosen]
         for j, L in enumerate(tqdm(resid_layers, desc="heatmap", unit="layer", mininterval=1.0)):
             acts = run.activations(L, "resid_post")
             for i, e in enumerate(chosen):
                 x = acts.example(e).astype(np.float32)
-                norms[i][j] = [_finite(v) for v in np.linalg.norm(x, axis=1)]
+                norms[i][j] = [_finite(v) for v in np.linalg.norm(x, axis=1).tolist()]
         heatmap = {"site": "resid_post", "layers": resid_layers, "docs": [doc(e) for e in chosen], "norms": norms}
 
     neurons = None
-    site_layers = [L for L, s in run.arrays if s == site]
-    if site_layers:
+    if notes["neurons"] is None:
         layers_out = {}
-        for L in tqdm(site_layers, desc=f"top-k {site}", unit="layer", mininterval=1.0):
+        for L in tqdm([L for L, s in run.arrays if s == site], desc=f"top-k {site}", unit="layer", mininterval=1.0):
             acts = run.activations(L, site)
             top_v, top_r, bot_v, bot_r = neuron_extremes(acts, top_k)
             # Neurons with the largest activation range are the ones worth looking at first.
-            spread = np.nan_to_num(top_v[:, 0] - bot_v[:, 0], nan=-1.0)
+            with np.errstate(invalid="ignore", over="ignore"):
+                spread = np.nan_to_num(top_v[:, 0].astype(np.float64) - bot_v[:, 0], nan=-1.0)
             ids = np.sort(np.argsort(-spread, kind="stable")[:neurons_per_layer])
 
-            def entries(vals, rows_, n):
+            def entries(vals: np.ndarray, rows_: np.ndarray, n: int) -> list[list[Any]]:
                 out = []
-                for v, r in zip(vals[n], rows_[n]):
-                    if not math.isfinite(v):
-                        continue
+                for v, r in zip(vals[n].tolist(), rows_[n].tolist()):
                     if acts.positions == "all":
                         e = int(np.searchsorted(run.offsets, r, side="right")) - 1
                         pos = int(r - run.offsets[e])
                     else:
-                        e, pos = int(r), int(run.offsets[r + 1] - run.offsets[r] - 1)
+                        e, pos = r, int(run.offsets[r + 1] - run.offsets[r] - 1)
                     n_tok = int(run.offsets[e + 1] - run.offsets[e])
                     w0, w1 = max(0, pos - context), min(n_tok, pos + context + 1)
-                    out.append([doc(e, w0, w1), pos - w0, _finite(v)])
+                    out.append([doc(e, w0, w1), pos - w0, _finite(v)])  # an overflow (inf) shows as n/a
                 return out
 
             layers_out[str(L)] = {"ids": [int(n) for n in ids], "top": [entries(top_v, top_r, n) for n in ids],
@@ -139,6 +237,7 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
             "splits": ", ".join(f"{k} ({v['examples']})" for k, v in md["splits"].items()),
             "layers": md["num_layers"], "hidden": md["hidden_dim"], "dtype": md["dtype"],
             "created": md["created"], "layerscope": md["layerscope_version"]}
+    texts = list(text_index)
     log.info("summary: %d docs, %d distinct token texts", len(docs), len(texts))
     return {"title": f"LayerScope: {run.path.name}", "meta": meta, "texts": texts, "docs": docs,
-            "heatmap": heatmap, "neurons": neurons}
+            "heatmap": heatmap, "neurons": neurons, "notes": notes}
