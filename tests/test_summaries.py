@@ -131,3 +131,53 @@ def test_neuron_extremes_on_a_store(tmp_path, model_factory):
     for k in (1, 4, 8):
         for g, e in zip(neuron_extremes(acts, k), brute_force(x.astype(np.float32), k)):
             np.testing.assert_array_equal(g, e)
+
+
+def small_run(tmp_path, model_factory, layers: dict) -> str:
+    """A finished run directory (store, metadata, examples, manifest) built without Snakemake."""
+    import shutil
+
+    from layerscope.metadata import write_metadata
+    from tests.helpers import capture_store, make_params, prepare_texts
+
+    manifest = {"model": model_factory("llama-tiny"), "adapter": None}
+    ds = prepare_texts(tmp_path, manifest["model"])
+    run = tmp_path / "run"
+    run.mkdir()
+    params = make_params(layers, dtype="float16", parts=1)
+    capture_store(run, manifest, params, ds, name="activations")
+    (run / "dataset").mkdir()
+    (run / "model").mkdir()
+    shutil.copy(ds / "examples.jsonl", run / "dataset" / "examples.jsonl")
+    (run / "model" / "manifest.json").write_text(json.dumps(manifest))
+    config = {"model": {"dtype": "float32"}, "dataset": {"name": "t", "max_length": 64},
+              "capture": {"batch_size": 3, "dtype": "float16", "parts": 1, "padding_side": "right",
+                          "layers_per_job": 2}}
+    write_metadata(config, str(run / "model" / "manifest.json"), str(ds / "examples.jsonl"),
+                   str(run / "activations.zarr"), str(run / "metadata.json"), str(run / "run_config.json"))
+    return str(run)
+
+
+def test_missing_inputs_are_named_with_their_config_keys(tmp_path, model_factory, caplog):
+    from layerscope.summaries import summarize
+
+    run = small_run(tmp_path, model_factory, {0: {"sites": ["resid_post", "mlp_out"], "positions": "last"},
+                                              1: {"sites": ["mlp_out"], "positions": "all"}})
+    with caplog.at_level("WARNING", logger="layerscope.summaries"):
+        s = summarize(run, site="mlp_act", top_k=3)
+    assert s["heatmap"] is None and s["neurons"] is None
+    assert "resid_post" in s["notes"]["heatmap"] and "capture.positions: all" in s["notes"]["heatmap"]
+    assert "mlp_act" in s["notes"]["neurons"] and "capture.sites" in s["notes"]["neurons"]
+    assert "dashboard.site" in s["notes"]["neurons"] and "mlp_out, resid_post" in s["notes"]["neurons"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [s["notes"]["heatmap"], s["notes"]["neurons"]]
+    # neuron lists from arrays at the last position and at every position
+    s = summarize(run, site="mlp_out", top_k=3, context=2, heatmap_examples=0)
+    assert s["notes"] == {"heatmap": "No token x layer heatmap: dashboard.heatmap_examples is 0; set it above 0.",
+                          "neurons": None}
+    assert sorted(s["neurons"]["layers"]) == ["0", "1"]
+    for L in ("0", "1"):
+        d = s["neurons"]["layers"][L]
+        assert len(d["ids"]) == 64 and all(len(t) == 3 for t in d["top"])
+        for d_, pos, v in d["top"][0]:
+            assert 0 <= pos < len(s["docs"][d_]["toks"]) and v is not None
