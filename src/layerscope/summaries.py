@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -33,6 +33,7 @@ def pick_examples(run: Run, n: int) -> list[int]:
 
 
 BLOCK = 16  # rows per block when pruning a shard by block maxima; small blocks keep few candidates
+CHUNK_ELEMENTS = 1 << 19  # values keyed at a time: a few hundred KiB of buffers, cache-resident
 
 # Stored dtype -> (integer type of the same width, bit pattern of +inf). A float's sign and
 # magnitude bits, read as a two's complement integer (-magnitude for negative numbers), sort as the
@@ -40,15 +41,16 @@ BLOCK = 16  # rows per block when pruning a shard by block maxima; small blocks 
 _BITS = {"float16": (np.int16, 0x7C00), "bfloat16": (np.int16, 0x7F80), "float32": (np.int32, 0x7F800000)}
 
 
-def order_keys(raw: np.ndarray, dtype: str) -> np.ndarray:
+def order_keys(raw: np.ndarray, dtype: str, out: np.ndarray | None = None,
+               tmp: np.ndarray | None = None) -> np.ndarray:
     """Integers that sort as the values do, with -0.0 equal to 0.0 and NaN counted as 0 (as torch.nan_to_num did)."""
     itype, inf_bits = _BITS[dtype]
     b = raw.view(itype)
-    key = b & np.iinfo(itype).max  # magnitude
-    sign = b >> (8 * b.itemsize - 1)  # 0, or -1 for negative numbers
+    key = np.bitwise_and(b, np.iinfo(itype).max, out=out)  # magnitude
+    sign = np.right_shift(b, 8 * b.itemsize - 1, out=tmp)  # 0, or -1 for negative numbers
     key ^= sign
     key -= sign
-    if key.max() > inf_bits or key.min() < -inf_bits:  # NaN; two reductions are cheaper than a mask
+    if key.size and (key.max() > inf_bits or key.min() < -inf_bits):  # NaN: two reductions beat a mask
         key[np.abs(key) > inf_bits] = 0
     return key
 
@@ -64,29 +66,52 @@ def key_values(key: np.ndarray, dtype: str) -> np.ndarray:
     return bits.view(np.float16 if dtype == "float16" else np.float32).astype(np.float32)
 
 
-def _candidates(key: np.ndarray, r0: int, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def block_extremes(raw: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per BLOCK rows (whole blocks only) and column, the largest and smallest ``order_keys``: [blocks, width] each.
+
+    Keys are made a few thousand rows at a time into reused buffers: no shard-sized temporaries,
+    and each pass stays in cache.
+    """
+    n, w = raw.shape
+    nb = n // BLOCK
+    itype, _ = _BITS[dtype]
+    step = max(1, CHUNK_ELEMENTS // max(w * BLOCK, 1)) * BLOCK
+    key, tmp = np.empty((min(step, n), w), itype), np.empty((min(step, n), w), itype)
+    mx, mn = np.empty((nb, w), itype), np.empty((nb, w), itype)
+    for r in range(0, nb * BLOCK, step):
+        m = min(step, nb * BLOCK - r)
+        k = order_keys(raw[r:r + m], dtype, key[:m], tmp[:m]).reshape(m // BLOCK, BLOCK, w)
+        np.max(k, axis=1, out=mx[r // BLOCK:(r + m) // BLOCK])
+        np.min(k, axis=1, out=mn[r // BLOCK:(r + m) // BLOCK])
+    return mx, mn
+
+
+def _candidates(raw: np.ndarray, dtype: str, m: np.ndarray, r0: int, k: int,
+                largest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, rows, columns) of one shard [n, width] that hold every column's k largest (smallest) entries.
 
-    The k-th largest block maximum t is a lower bound of a column's k-th largest value, so only
-    blocks whose maximum is above t, and the first k (in row order) whose maximum equals t, can
-    hold its top k: that keeps about k * BLOCK rows per column, ties broken by row as in a full sort.
+    ``m`` holds the block maxima (minima). The k-th largest block maximum t is a lower bound of a
+    column's k-th largest value, so only blocks whose maximum is above t, and the first k (in row
+    order) whose maximum equals t, can hold its top k: about k * BLOCK rows per column are left,
+    ties broken by row as in a full sort.
     """
-    n, w = key.shape
-    nb = n // BLOCK
+    n, w = raw.shape
+    nb = len(m)
     if nb <= k:
-        return key.ravel(), np.repeat(np.arange(r0, r0 + n), w), np.tile(np.arange(w), n)
-    blocks = key[:nb * BLOCK].reshape(nb, BLOCK, w)
-    m = blocks.max(axis=1) if largest else blocks.min(axis=1)
+        return order_keys(raw, dtype).ravel(), np.repeat(np.arange(r0, r0 + n), w), np.tile(np.arange(w), n)
     t = np.partition(m, nb - k if largest else k - 1, axis=0)[nb - k if largest else k - 1]
     reach = m >= t if largest else m <= t
     beyond = m > t if largest else m < t
-    bi, ci = np.nonzero(beyond | (reach & (np.cumsum(reach, axis=0, dtype=np.int32) <= k)))
+    over = np.flatnonzero(np.count_nonzero(reach, axis=0) > k)  # ties at t in more than k blocks
+    if len(over):  # keep the first k of them
+        reach[:, over] &= np.cumsum(reach[:, over], axis=0, dtype=np.int32) <= k
+    bi, ci = np.nonzero(beyond | reach)
     rows = (bi[:, None] * BLOCK + np.arange(BLOCK)).ravel()
     cols = np.repeat(ci, BLOCK)
     if nb * BLOCK < n:  # rows after the last whole block are always candidates
         rows = np.concatenate([rows, np.repeat(np.arange(nb * BLOCK, n), w)])
         cols = np.concatenate([cols, np.tile(np.arange(w), n - nb * BLOCK)])
-    return key[rows, cols], rows + r0, cols
+    return order_keys(raw[rows, cols], dtype), rows + r0, cols
 
 
 def _best(keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, width: int, k: int,
@@ -118,11 +143,11 @@ def neuron_extremes(acts, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     for (r0, r1), block in acts.iter_shards(raw=kind == acts.dtype):
         if kind != acts.dtype:  # a dtype without a bit-order rule: compare as float32
             block = np.asarray(block, dtype=np.float32)
-        key = order_keys(block, kind)
+        extremes = block_extremes(block, kind)
         seen += r1 - r0
         kk = min(k, seen)
-        for largest in (True, False):
-            keys, rows, cols = _candidates(key, r0, kk, largest)
+        for largest, m in zip((True, False), extremes):
+            keys, rows, cols = _candidates(block, kind, m, r0, kk, largest)
             if largest in best:  # the running best so far competes with this shard's candidates
                 bk, br = best[largest]
                 keys = np.concatenate([bk.ravel(), keys])
@@ -156,6 +181,34 @@ def missing_neurons(run: Run, site: str) -> str | None:
         return None
     return (f"No neuron lists: {site} (dashboard.site) was not captured; add {site} to capture.sites, "
             f"or set dashboard.site to a captured site ({', '.join(run.sites) or 'none'}).")
+
+
+def neuron_entries(run: Run, acts, extremes: tuple[np.ndarray, ...], neurons_per_layer: int, context: int,
+                   doc: Callable[[int, int, int], int]) -> dict[str, Any] | None:
+    """One layer's neuron lists: ids, and per id the top and bottom [doc, position in the doc, value]."""
+    top_v, top_r, bot_v, bot_r = extremes
+    if not top_v.shape[1]:  # no rows at all
+        return None
+    # Neurons with the largest activation range are the ones worth looking at first.
+    with np.errstate(invalid="ignore", over="ignore"):
+        spread = np.nan_to_num(top_v[:, 0].astype(np.float64) - bot_v[:, 0], nan=-1.0)
+    ids = np.sort(np.argsort(-spread, kind="stable")[:neurons_per_layer])
+
+    def entries(vals: np.ndarray, rows: np.ndarray) -> list[list[list[Any]]]:
+        vals, rows = vals[ids], rows[ids]
+        if acts.positions == "all":
+            ex = np.searchsorted(run.offsets, rows, side="right") - 1
+            pos = rows - run.offsets[ex]
+        else:
+            ex, pos = rows, run.offsets[rows + 1] - run.offsets[rows] - 1
+        # the doc holds only the context window, so the page stays small for long examples
+        w0 = np.maximum(0, pos - context)
+        w1 = np.minimum(run.offsets[ex + 1] - run.offsets[ex], pos + context + 1)
+        cols = (c.tolist() for c in (ex, w0, w1, pos, vals))
+        return [[[doc(e, a, b), p - a, _finite(v)] for e, a, b, p, v in zip(*row)]  # inf shows as n/a
+                for row in zip(*cols)]
+
+    return {"ids": ids.tolist(), "top": entries(top_v, top_r), "bottom": entries(bot_v, bot_r)}
 
 
 def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int = 8, neurons_per_layer: int = 64,
@@ -207,27 +260,9 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
         layers_out = {}
         for L in tqdm([L for L, s in run.arrays if s == site], desc=f"top-k {site}", unit="layer", mininterval=1.0):
             acts = run.activations(L, site)
-            top_v, top_r, bot_v, bot_r = neuron_extremes(acts, top_k)
-            # Neurons with the largest activation range are the ones worth looking at first.
-            with np.errstate(invalid="ignore", over="ignore"):
-                spread = np.nan_to_num(top_v[:, 0].astype(np.float64) - bot_v[:, 0], nan=-1.0)
-            ids = np.sort(np.argsort(-spread, kind="stable")[:neurons_per_layer])
-
-            def entries(vals: np.ndarray, rows_: np.ndarray, n: int) -> list[list[Any]]:
-                out = []
-                for v, r in zip(vals[n].tolist(), rows_[n].tolist()):
-                    if acts.positions == "all":
-                        e = int(np.searchsorted(run.offsets, r, side="right")) - 1
-                        pos = int(r - run.offsets[e])
-                    else:
-                        e, pos = r, int(run.offsets[r + 1] - run.offsets[r] - 1)
-                    n_tok = int(run.offsets[e + 1] - run.offsets[e])
-                    w0, w1 = max(0, pos - context), min(n_tok, pos + context + 1)
-                    out.append([doc(e, w0, w1), pos - w0, _finite(v)])  # an overflow (inf) shows as n/a
-                return out
-
-            layers_out[str(L)] = {"ids": [int(n) for n in ids], "top": [entries(top_v, top_r, n) for n in ids],
-                                  "bottom": [entries(bot_v, bot_r, n) for n in ids]}
+            entries = neuron_entries(run, acts, neuron_extremes(acts, top_k), neurons_per_layer, context, doc)
+            if entries is not None:
+                layers_out[str(L)] = entries
         neurons = {"site": site, "k": top_k, "context": context, "layers": layers_out}
 
     adapter = md.get("adapter")
