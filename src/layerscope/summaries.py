@@ -114,6 +114,12 @@ def _candidates(raw: np.ndarray, dtype: str, m: np.ndarray, r0: int, k: int,
     return order_keys(raw[rows, cols], dtype), rows + r0, cols
 
 
+def _first_k(cols: np.ndarray, width: int, k: int) -> np.ndarray:
+    """Mask of the first k entries of each column in ``cols`` (sorted by column, each column at least k)."""
+    counts = np.bincount(cols, minlength=width)
+    return np.arange(len(cols)) - np.repeat(np.cumsum(counts) - counts, counts) < k
+
+
 def _best(keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, width: int, k: int,
           largest: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per column, the k largest (smallest) keys, earlier rows first among equal keys: [width, k] keys and rows.
@@ -124,9 +130,7 @@ def _best(keys: np.ndarray, rows: np.ndarray, cols: np.ndarray, width: int, k: i
     bits = 8 * keys.itemsize
     oriented = (~keys if largest else keys).astype(np.int64) + (1 << (bits - 1))  # ~ reverses without overflow
     order = np.argsort((cols.astype(np.int64) << bits) | oriented, kind="stable")
-    counts = np.bincount(cols, minlength=width)
-    rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-    pick = order[rank < k]
+    pick = order[_first_k(cols[order], width, k)]
     return keys[pick].reshape(width, k), rows[pick].reshape(width, k)
 
 
