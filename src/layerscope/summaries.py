@@ -41,16 +41,17 @@ CHUNK_ELEMENTS = 1 << 19  # values keyed at a time: a few hundred KiB of buffers
 _BITS = {"float16": (np.int16, 0x7C00), "bfloat16": (np.int16, 0x7F80), "float32": (np.int32, 0x7F800000)}
 
 
-def order_keys(raw: np.ndarray, dtype: str, out: np.ndarray | None = None,
-               tmp: np.ndarray | None = None) -> np.ndarray:
-    """Integers that sort as the values do, with -0.0 equal to 0.0 and NaN counted as 0 (as torch.nan_to_num did)."""
+def order_keys(raw: np.ndarray, dtype: str, out: np.ndarray | None = None, tmp: np.ndarray | None = None,
+               nan: bool = True) -> np.ndarray:
+    """Integers that sort as the values do, with -0.0 equal to 0.0 and NaN counted as 0 (as torch.nan_to_num
+    did); ``nan=False`` leaves NaN above +inf and below -inf, for a caller that checks less data for it."""
     itype, inf_bits = _BITS[dtype]
     b = raw.view(itype)
     key = np.bitwise_and(b, np.iinfo(itype).max, out=out)  # magnitude
     sign = np.right_shift(b, 8 * b.itemsize - 1, out=tmp)  # 0, or -1 for negative numbers
     key ^= sign
     key -= sign
-    if key.size and (key.max() > inf_bits or key.min() < -inf_bits):  # NaN: two reductions beat a mask
+    if nan and key.size and (key.max() > inf_bits or key.min() < -inf_bits):  # two reductions beat a mask
         key[np.abs(key) > inf_bits] = 0
     return key
 
@@ -78,11 +79,17 @@ def block_extremes(raw: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]
     step = max(1, CHUNK_ELEMENTS // max(w * BLOCK, 1)) * BLOCK
     key, tmp = np.empty((min(step, n), w), itype), np.empty((min(step, n), w), itype)
     mx, mn = np.empty((nb, w), itype), np.empty((nb, w), itype)
+    inf_bits = _BITS[dtype][1]
     for r in range(0, nb * BLOCK, step):
         m = min(step, nb * BLOCK - r)
-        k = order_keys(raw[r:r + m], dtype, key[:m], tmp[:m]).reshape(m // BLOCK, BLOCK, w)
-        np.max(k, axis=1, out=mx[r // BLOCK:(r + m) // BLOCK])
-        np.min(k, axis=1, out=mn[r // BLOCK:(r + m) // BLOCK])
+        k = order_keys(raw[r:r + m], dtype, key[:m], tmp[:m], nan=False).reshape(m // BLOCK, BLOCK, w)
+        hi, lo = mx[r // BLOCK:(r + m) // BLOCK], mn[r // BLOCK:(r + m) // BLOCK]
+        for _ in range(2):
+            np.max(k, axis=1, out=hi)
+            np.min(k, axis=1, out=lo)
+            if hi.max() <= inf_bits and lo.min() >= -inf_bits:  # NaN shows in the block extremes
+                break
+            k[np.abs(k) > inf_bits] = 0
     return mx, mn
 
 
