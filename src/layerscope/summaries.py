@@ -99,8 +99,8 @@ def _candidates(raw: np.ndarray, dtype: str, m: np.ndarray, r0: int, k: int,
 
     ``m`` holds the block maxima (minima). The k-th largest block maximum t is a lower bound of a
     column's k-th largest value, so only blocks whose maximum is above t, and the first k (in row
-    order) whose maximum equals t, can hold its top k: about k * BLOCK rows per column are left,
-    ties broken by row as in a full sort.
+    order) whose maximum equals t, can hold its top k, ties broken by row as in a full sort; of their
+    rows, only values at or above t are kept.
     """
     n, w = raw.shape
     nb = len(m)
@@ -118,7 +118,10 @@ def _candidates(raw: np.ndarray, dtype: str, m: np.ndarray, r0: int, k: int,
     if nb * BLOCK < n:  # rows after the last whole block are always candidates
         rows = np.concatenate([rows, np.repeat(np.arange(nb * BLOCK, n), w)])
         cols = np.concatenate([cols, np.tile(np.arange(w), n - nb * BLOCK)])
-    return order_keys(raw[rows, cols], dtype), rows + r0, cols
+    keys = order_keys(raw[rows, cols], dtype)
+    # Nothing beyond t can be in the top k (the k block maxima reach t): about k rows per column are left.
+    keep = keys >= t[cols] if largest else keys <= t[cols]
+    return keys[keep], rows[keep] + r0, cols[keep]
 
 
 def _first_k(cols: np.ndarray, width: int, k: int) -> np.ndarray:
