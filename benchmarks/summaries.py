@@ -14,7 +14,7 @@ for two workloads: ``resid`` (resid_post at every layer: the heatmap only) and `
 table, then one JSON line with the medians, ``ratio = summarize / capture`` and
 ``ratio_cold = cold / capture`` per workload.
 
-    python benchmarks/summaries.py [--sequences 64] [--seq-len 256] [--repeats 3] [--out DIR]
+    python benchmarks/summaries.py [--sequences 64] [--seq-len 256] [--repeats 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", default="builtin:llama-512")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of: "
                     + ", ".join(WORKLOADS))
@@ -135,8 +135,9 @@ def run(args, workloads: list[str], scratch: Path) -> int:
     ds = make_dataset(scratch / "dataset", tok, n, seq, min(model.config.vocab_size, len(tok)))
     times: dict[str, dict[str, list[float]]] = {w: {"capture": [], "summarize": [], "cold": []} for w in workloads}
     with torch.inference_mode():  # warm-up: the first forward pass in a process pays one-time costs
-        model(input_ids=torch.from_numpy(np.load(ds / "token_ids.npy")[:args.batch_size * seq].astype(np.int64))
-              .view(args.batch_size, seq), use_cache=False)
+        b = min(n, args.batch_size)
+        model(input_ids=torch.from_numpy(np.load(ds / "token_ids.npy")[:b * seq].astype(np.int64)).view(b, seq),
+              use_cache=False)
     sizes: dict[str, int] = {}
     for rep in range(args.repeats):
         for w in workloads:
