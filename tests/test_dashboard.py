@@ -138,6 +138,43 @@ def test_page_behaviour_in_a_dom(tmp_path):
     assert out["top_focus"] == '"Hello" in window (EM&), position 41: 3' and out["top_tabindex"] == "0"
     assert out["top_bg"].startswith("rgb(220, 40, 40)") and out["bottom_bg"].startswith("rgb(40, 90, 220)")
     assert out["neurons"] == 1
+    assert out["heatmap_missing"] is None and out["neuron_missing"] is None  # nothing missing, no notice
+    assert not out["heatmap_body_hidden"] and not out["neuron_body_hidden"] and not out["site_of_hidden"]
+    assert out["neuron_title"] == "Neurons of mlp_act: top and bottom activating tokens"
+
+
+def probe_page(tmp_path, s: dict) -> dict:
+    page = tmp_path / "index.html"
+    write_dashboard(s, page)
+    probe = Path(__file__).parent / "js" / "dashboard_probe.js"
+    res = subprocess.run(["node", str(probe), str(page)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NODE_PATH": str(_jsdom())}, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["errors"] == [] and out["scripts_run"] and out["script_tags"] == 2
+    return out
+
+
+@pytest.mark.skipif(_jsdom() is None, reason="needs node and jsdom (.ci/run installs them)")
+def test_page_says_what_is_missing(tmp_path):
+    # the reasons summarize gives, shown as text (never markup), in place of the empty panels
+    s = summary(heatmap=False, neurons=False)
+    s["notes"] = {"heatmap": "No token x layer heatmap: resid_post was captured at the last position only; "
+                             "capture it with capture.positions: all " + HOSTILE,
+                  "neurons": "No neuron lists: mlp_act (dashboard.site) was not captured <b>"}
+    out = probe_page(tmp_path, s)
+    assert out["heatmap_missing"] == s["notes"]["heatmap"] and out["neuron_missing"] == s["notes"]["neurons"]
+    assert out["heatmap_missing_children"] == 0 and out["neuron_missing_children"] == 0
+    assert out["heatmap_body_hidden"] and out["neuron_body_hidden"] and out["site_of_hidden"]
+    assert "heat_cells" not in out  # no cell drawn
+    assert out["neurons"] == 0  # and the heading names no site (site-of is hidden)
+    # a summary without notes (an older summary.json) still names the config keys
+    out = probe_page(tmp_path, summary(heatmap=False, neurons=False))
+    assert "resid_post" in out["heatmap_missing"] and "capture.positions: all" in out["heatmap_missing"]
+    assert "dashboard.site" in out["neuron_missing"] and "capture.sites" in out["neuron_missing"]
+    # one panel missing leaves the other alone
+    out = probe_page(tmp_path, summary(heatmap=True, neurons=False))
+    assert out["heatmap_missing"] is None and not out["heatmap_body_hidden"] and out["heat_cells"] == 10
+    assert out["neuron_missing"].startswith("No neuron lists")
 
 
 def test_nan_free_json():

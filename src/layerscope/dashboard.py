@@ -2,7 +2,9 @@
 
 The summary dict (see summaries.summarize) holds ``title``, ``meta``, ``texts`` (distinct
 token strings), ``docs`` ({id, split, toks, start}: tokens ``start``.. of an example), ``heatmap`` (residual-stream norms per doc x
-layer x token) and ``neurons`` (top/bottom [doc, pos, value] per neuron per layer). The page
+layer x token) and ``neurons`` (top/bottom [doc, pos, value] per neuron per layer), each None
+when the run lacks its inputs; ``notes`` ({"heatmap", "neurons"}: str or None) then says what is
+missing and which config keys give it, and the page shows that instead of an empty panel. The page
 builds every element with textContent, never innerHTML, so no string from a model or a data
 set can become markup.
 """
@@ -61,6 +63,7 @@ max-width:6em;overflow:hidden;text-overflow:ellipsis}
 .entry{padding:4px 0;border-bottom:1px solid var(--line)}
 .entry .info{color:var(--muted);font-size:11px}
 .empty{color:var(--muted)}
+.missing{padding:8px 12px;background:#fff8e1;border-left:4px solid #c99a00;border-radius:2px}
 """
 
 JS = r"""
@@ -79,9 +82,19 @@ const tokText = i => D.texts[i];
 const meta = $('meta');
 for (const k of Object.keys(D.meta||{})) { const tr = el('tr'); tr.append(el('td',{},k), el('td',{},fmt(D.meta[k]))); meta.append(tr); }
 
+// A panel whose inputs were not captured says so, and which config keys produce them.
+const notes = D.notes || {};
+const missing = (name, text) => {
+  $(name + '-body').hidden = true;
+  const p = $(name + '-missing'); p.textContent = text; p.hidden = false;
+};
+
 // heatmap
 const H = D.heatmap;
-if (!H || !H.docs.length) { $('heatmap-panel').hidden = true; } else {
+if (!H || !H.docs.length) {
+  missing('heatmap', notes.heatmap || (H ? 'No token x layer heatmap: no examples to show; set dashboard.heatmap_examples above 0.'
+    : 'No token x layer heatmap: capture resid_post (capture.sites) with capture.positions: all.'));
+} else {
   const sel = $('example');
   H.docs.forEach((d, i) => sel.append(el('option', {value: i}, D.docs[d].id + ' (' + D.docs[d].split + ')')));
   const drawHeat = () => {
@@ -120,8 +133,10 @@ if (!H || !H.docs.length) { $('heatmap-panel').hidden = true; } else {
 // neurons
 const N = D.neurons;
 const layerSel = $('layer'), neuronSel = $('neuron');
-if (!N || !Object.keys(N.layers).length) { $('neuron-panel').hidden = true; } else {
-  $('site').textContent = N.site;
+if (!N || !Object.keys(N.layers).length) {
+  missing('neuron', notes.neurons || 'No neuron lists: capture the site named by dashboard.site (add it to capture.sites).');
+} else {
+  $('site').textContent = N.site; $('site-of').hidden = false;
   Object.keys(N.layers).sort((a, b) => a - b).forEach(L => layerSel.append(el('option', {value: L}, 'Layer ' + L)));
   const fillNeurons = () => {
     neuronSel.replaceChildren();
@@ -185,11 +200,16 @@ def render_html(summary: dict[str, Any]) -> str:
 <div id="status" role="status" aria-live="polite">Hover or focus a cell or token to see its exact value.</div>
 <section id="heatmap-panel" aria-labelledby="heatmap-title">
 <h2 id="heatmap-title">Residual stream L2 norm, token x layer</h2>
+<p id="heatmap-missing" class="missing" role="note" hidden></p>
+<div id="heatmap-body">
 <div class="controls"><label for="example">Example</label><select id="example"></select></div>
 <div class="grid" id="heatmap"></div>
+</div>
 </section>
 <section id="neuron-panel" aria-labelledby="neuron-title">
-<h2 id="neuron-title">Neurons of <span id="site"></span>: top and bottom activating tokens</h2>
+<h2 id="neuron-title">Neurons<span id="site-of" hidden> of <span id="site"></span></span>: top and bottom activating tokens</h2>
+<p id="neuron-missing" class="missing" role="note" hidden></p>
+<div id="neuron-body">
 <div class="controls">
 <label for="layer">Layer</label><select id="layer"></select>
 <label for="neuron">Neuron</label><select id="neuron"></select>
@@ -199,6 +219,7 @@ def render_html(summary: dict[str, Any]) -> str:
 <div class="entries">
 <div><h3>Top activations</h3><div id="top"></div></div>
 <div><h3>Bottom activations</h3><div id="bottom"></div></div>
+</div>
 </div>
 </section>
 <script type="application/json" id="data">{embed_json(summary)}</script>

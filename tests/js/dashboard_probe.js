@@ -22,6 +22,14 @@ out.header_tokens = Array.from(d.querySelectorAll('#heatmap th')).map(x => x.tex
 out.layers = Array.from(d.querySelectorAll('#layer option')).map(o => o.textContent);
 out.neurons = d.querySelectorAll('#neuron option').length;
 if (out.neurons > 1) { d.getElementById('next').click(); out.after_next = d.getElementById('neuron').selectedIndex; }
+for (const name of ['heatmap', 'neuron']) {  // a panel without its inputs says what is missing, as text
+  const m = d.getElementById(name + '-missing');
+  out[name + '_missing'] = m.hidden ? null : m.textContent;
+  out[name + '_missing_children'] = m.children.length;
+  out[name + '_body_hidden'] = d.getElementById(name + '-body').hidden;
+}
+out.neuron_title = d.getElementById('neuron-title').textContent;
+out.site_of_hidden = d.getElementById('site-of').hidden;
 out.body_text = d.body.textContent;
 out.script_tags = d.querySelectorAll('script').length;
 console.log(JSON.stringify(out));
