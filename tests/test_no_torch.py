@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from layerscope.dataset import load_examples, load_tokens, prepare
+from layerscope.dataset import example_text, load_examples, load_tokens, prepare
 from layerscope.models import _auto_config, dims_from_config, load_tokenizer
 from tests.conftest import REPO, write_jsonl
 
@@ -35,8 +35,8 @@ def test_tokenization_equals_autotokenizer(model_factory, tmp_path, name):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     for tok, out in ((ours, tmp_path / "ours"), (auto, tmp_path / "auto")):
         prepare(data, tok, out, max_length=64)
-    assert [e["rendered"] for e in load_examples(tmp_path / "ours" / "examples.jsonl")] == \
-           [e["rendered"] for e in load_examples(tmp_path / "auto" / "examples.jsonl")]
+    assert [example_text(e) for e in load_examples(tmp_path / "ours" / "examples.jsonl")] == \
+           [example_text(e) for e in load_examples(tmp_path / "auto" / "examples.jsonl")]
     for a, b in zip(load_tokens(tmp_path / "ours"), load_tokens(tmp_path / "auto")):
         assert a.tolist() == b.tolist()
 
@@ -68,7 +68,7 @@ def test_local_fetch_and_tokenization_do_not_import_torch(model_factory, tmp_pat
     code = textwrap.dedent(f"""
         import json, sys
         from layerscope.steps import fetch_model, prepare_dataset
-        fetch_model({{"id": {m["path"]!r}}}, None, None, [0, 1], "w", "a", "manifest.json")
+        fetch_model({{"id": {m["path"]!r}}}, None, "w", "manifest.json")
         prepare_dataset("manifest.json", {{"path": {str(data)!r}, "format": "auto", "default_split": "all",
                         "max_length": 64, "add_special_tokens": True}}, "ds")
         print(json.dumps(sorted(k for k in sys.modules if k.split(".")[0] == "torch")))
