@@ -137,3 +137,17 @@ def test_part_examples_cover_every_layout(parts):
                 else:  # every token row of the part belongs to an example the part computes
                     assert offsets[e0] <= r0 and r1 <= offsets[e1]
     assert got[0][0] == 0 and max(e1 for _, e1 in got) == 50
+
+
+def test_parts_without_examples_still_finish_the_chain(tmp_path, model_factory):
+    """More parts than tokens: the empty parts run nothing, hand on empty boundaries and leave markers."""
+    from layerscope.store import marker_path
+
+    m = model_factory("llama-tiny")
+    ds = prepare_texts(tmp_path, m, texts=["A"])
+    params = make_params({0: {"sites": ["resid_post"], "positions": "last"},
+                          2: {"sites": ["resid_post"], "positions": "all"}}, parts=5)
+    root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds, layers_per_job=1)
+    assert all(marker_path(root, L, "resid_post", p, pos).is_file() for L, pos in ((0, "last"), (2, "all"))
+               for p in range(5))
+    assert Boundary(boundary_path(tmp_path / "store-chain", 2, 4)).rows(0, 0).shape == (0, 64)

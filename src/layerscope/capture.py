@@ -56,16 +56,6 @@ class ArrayJob:
     array_dir: Path | None = None
     written: list[int] = field(default_factory=list)
 
-    def example_range(self, offsets: np.ndarray) -> tuple[int, int]:
-        """The examples whose rows fall into [r0, r1)."""
-        if self.r0 >= self.r1:
-            return (0, 0)
-        if self.positions == "last":
-            return self.r0, self.r1
-        e0 = int(np.searchsorted(offsets, self.r0, side="right")) - 1
-        e1 = int(np.searchsorted(offsets, self.r1, side="left"))
-        return e0, e1
-
 
 class BufferPool:
     """Reusable host chunk buffers (pinned when copying from a GPU): a long capture allocates a
@@ -230,8 +220,9 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["weight_mib"] = round(chain.weight_bytes / 2**20, 1)
-    for j, r in zip(jobs, chain.routers):
-        counts = r.counts()
+    for i, j in enumerate(jobs):
+        # a part without examples made no routers: nothing was stored, nothing to count
+        counts = chain.routers[i].counts() if chain.routers else {"nonfinite": 0, "clipped": 0}
         if counts["nonfinite"]:
             log.warning("layer %d %s: %d values stored as NaN or inf (%d out of %s range)%s", j.layer, j.site,
                         counts["nonfinite"], counts["clipped"], params["dtype"],
