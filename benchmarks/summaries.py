@@ -71,9 +71,11 @@ def config_for(params: dict, max_length: int) -> dict:
 def capture_run(run_dir: Path, scratch: Path, ds: Path, params: dict, loaded, seq: int) -> None:
     """Capture and finalize into ``run_dir``, laid out as the workflow's results/{run}."""
     store = run_dir / "activations.zarr"
-    run_capture(scratch / "manifest.json", ds, store, params, 0, device="cpu", group=run_dir.name, loaded=loaded)
+    arrays = [(int(L), s, v["positions"]) for L, v in params["layers"].items() for s in v["sites"]]
+    job = {k: v for k, v in params.items() if k != "layers"} | {"block": [0, max(int(L) for L in params["layers"])]}
+    run_capture(json.loads((scratch / "manifest.json").read_text()), ds, store, job, 0, arrays, device="cpu",
+                group=run_dir.name, loaded=loaded)
     ids, offsets = np.load(ds / "token_ids.npy"), np.load(ds / "offsets.npy")
-    arrays = [(int(L), s) for L, v in params["layers"].items() for s in v["sites"]]
     finalize(store, arrays, params["parts"], ids, offsets, {"run": run_dir.name})
 
 
@@ -83,7 +85,7 @@ def add_metadata(run_dir: Path, scratch: Path, ds: Path, params: dict, seq: int)
     (run_dir / "model").mkdir(exist_ok=True)
     shutil.copy(ds / "examples.jsonl", run_dir / "dataset" / "examples.jsonl")
     shutil.copy(scratch / "manifest.json", run_dir / "model" / "manifest.json")
-    write_metadata(config_for(params, seq), str(scratch / "manifest.json"), str(ds / "examples.jsonl"),
+    write_metadata(config_for(params, seq), json.loads((scratch / "manifest.json").read_text()), str(ds / "examples.jsonl"),
                    str(run_dir / "activations.zarr"), str(run_dir / "metadata.json"), str(run_dir / "run_config.json"))
 
 

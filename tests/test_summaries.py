@@ -154,7 +154,7 @@ def small_run(tmp_path, model_factory, layers: dict) -> str:
     config = {"model": {"dtype": "float32"}, "dataset": {"name": "t", "max_length": 64},
               "capture": {"batch_size": 3, "dtype": "float16", "parts": 1, "padding_side": "right",
                           "layers_per_job": 2}}
-    write_metadata(config, str(run / "model" / "manifest.json"), str(ds / "examples.jsonl"),
+    write_metadata(config, manifest, str(ds / "examples.jsonl"),
                    str(run / "activations.zarr"), str(run / "metadata.json"), str(run / "run_config.json"))
     return str(run)
 
