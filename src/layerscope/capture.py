@@ -290,7 +290,8 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
                                                                                  **chain.key}).close()
         return
     captured = [j.layer for j in jobs]
-    # Run to the block's end when the job hands its boundary on, else only as far as it captures.
+    # Run to the block's end when the job hands its boundary on, else only as far as it captures
+    # (config.Block.stop, which the cost estimate uses too).
     stop = chain.end if chain.output_path or not captured else max(captured)
     if loaded is not None:
         model, tokenizer = loaded

@@ -1,4 +1,5 @@
-"""Command line: ``python -m layerscope inspect RUN_DIR [--show-examples N]``."""
+"""Command line: ``python -m layerscope inspect RUN_DIR [--show-examples N]`` and
+``python -m layerscope plan [--configfile FILE] [--directory DIR] [--json]``."""
 
 from __future__ import annotations
 
@@ -65,17 +66,73 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
                 p(f"  fields: {extra}")
 
 
+def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=sys.stdout) -> dict:
+    """Print what the workflow would capture from ``configfile`` (default: the embedded demo config) and
+    what it would cost: jobs, bytes per site, boundaries, and the weights each capture job holds."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from layerscope.config import build_plan
+    from layerscope.costs import estimate, plan_offsets
+    from layerscope.errors import ConfigError
+    from layerscope.models import resolve_device, resolve_dtype
+
+    repo = Path(__file__).resolve().parents[2]
+    schema = repo / "workflow" / "schemas" / "config.schema.yaml"
+    if not schema.is_file():
+        raise ConfigError(f"plan: no workflow schema at {schema}; run from a LayerScope checkout")
+    base = Path(directory).resolve()
+    cfg_path = Path(configfile) if configfile else base / "config" / "config.yaml"
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"plan: cannot read config file {cfg_path}: {e.strerror}") from e
+    plan = build_plan(cfg, schema, base)
+    device = resolve_device(plan.config["capture"]["device"])
+    dtype = str(resolve_dtype(plan.config["model"]["dtype"], device)).removeprefix("torch.")
+    est = estimate(plan, plan_offsets(plan, base / "results" / plan.config["run"]), dtype)
+    if as_json:
+        print(json.dumps(est), file=out)
+        return est
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    cap = plan.config["capture"]
+    p(f"run        {plan.config['run']}: {plan.model.label}, {plan.dims.num_layers} layers, hidden "
+      f"{plan.dims.hidden_size}, compute {dtype} on {device}")
+    p(f"data       {est['examples']} examples, {est['tokens']} tokens, {cap['parts']} part(s)")
+    p(f"jobs       {est['jobs']} capture jobs ({len(est['blocks'])} blocks of up to {cap['layers_per_job']} layers "
+      f"x {cap['parts']} parts)")
+    for b in est["blocks"]:
+        p(f"  {b['name']}  captures {b['layers'] or 'nothing (relay)'}; weights {_human(b['weight_bytes'])}"
+          + ("; hands on a boundary" if b["writes_boundary"] else ""))
+    p(f"arrays     {len(est['arrays'])} arrays, {est['shards']} shards, {_human(est['array_bytes'])} ({cap['dtype']}), "
+      f"{_human(est['disk_bytes'])} on disk")
+    for site, nbytes in sorted(est["bytes_per_site"].items()):
+        p(f"  {site:<11} {_human(nbytes)}")
+    p(f"boundaries {_human(est['boundary_bytes'])} in all ({', '.join(_human(x) for x in est['boundary_bytes_per_part'])}"
+      f" per boundary and part), {'kept' if cap['boundaries'] == 'keep' else 'deleted once used'}")
+    return est
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="print a summary of a run directory")
     ins.add_argument("run_dir", help="a run directory, e.g. results/demo")
     ins.add_argument("--show-examples", type=int, default=0, metavar="N", help="print the first N examples")
+    pl = sub.add_parser("plan", help="print what a config would capture and what it would cost, before running")
+    pl.add_argument("--configfile", help="the workflow config (default: config/config.yaml of --directory)")
+    pl.add_argument("--directory", default=".", help="the working directory snakemake would run in")
+    pl.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args(argv)
-    if args.show_examples < 0:
+    if args.command == "inspect" and args.show_examples < 0:
         parser.error("--show-examples: must be 0 or more")
     try:
-        inspect_run(args.run_dir, args.show_examples)
+        if args.command == "plan":
+            plan_run(args.configfile, args.directory, args.json)
+        else:
+            inspect_run(args.run_dir, args.show_examples)
     except LayerScopeError as e:
         print(f"layerscope: error: {e}", file=sys.stderr)
         return 1

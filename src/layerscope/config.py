@@ -112,6 +112,11 @@ class Block:
     def name(self) -> str:
         return f"L{self.start:02d}-{self.end:02d}"
 
+    @property
+    def stop(self) -> int:
+        """The last layer the job runs: its end where it hands the stream on, else its top captured layer."""
+        return self.end if self.writes_boundary or not self.layers else max(self.layers)
+
 
 @dataclass
 class Plan:

@@ -1,0 +1,133 @@
+"""What a planned run will cost before it starts: bytes per array and site, boundary bytes, jobs,
+and the weights each capture job holds.
+
+Rows come from the tokenized data set (``results/{run}/dataset/offsets.npy`` when
+``prepare_dataset`` has run, else the data set is tokenized here); weights come from the
+model's parameter shapes, read from a skeleton built on the meta device (no memory, no
+download beyond config.json).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerscope.chain import ST_DTYPES, part_examples
+from layerscope.config import Plan
+from layerscope.shards import ALIGN
+from layerscope.store import STORAGE_DTYPES, make_layout
+
+COMPUTE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def plan_offsets(plan: Plan, results: Path) -> np.ndarray:
+    """Token offsets of the run's examples: the prepared ones, or tokenized now."""
+    prepared = results / "dataset" / "offsets.npy"
+    if prepared.is_file():
+        return np.load(prepared, allow_pickle=False)
+    import tempfile
+
+    from layerscope.dataset import prepare
+
+    ds = plan.config["dataset"]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(plan.base_dir / ds["path"], plan_tokenizer(plan), tmp, fmt=ds["format"],
+                default_split=ds["default_split"], max_length=ds["max_length"],
+                add_special_tokens=ds["add_special_tokens"])
+        return np.load(Path(tmp) / "offsets.npy", allow_pickle=False)
+
+
+def plan_tokenizer(plan: Plan):
+    """The model's tokenizer without fetching its weights (a built-in model's is trained here)."""
+    from layerscope.models import load_tokenizer
+
+    ref = plan.model
+    if ref.kind == "builtin":
+        from layerscope.builtin import spec_for, train_tokenizer
+
+        return train_tokenizer(spec_for(ref.name)["vocab_size"])
+    if ref.kind == "local":
+        path = ref.name
+    else:
+        from huggingface_hub import snapshot_download
+
+        from layerscope.models import hub_cache_dir
+
+        path = snapshot_download(ref.name, revision=ref.revision, cache_dir=hub_cache_dir(plan.config["hub_cache"]),
+                                 allow_patterns=["*.json", "*.txt", "*.model", "*.jinja", "tokenizer*"])
+    return load_tokenizer({"model": {"id": ref.label, "path": str(path)}}, plan.config["model"]["trust_remote_code"])
+
+
+def block_weight_bytes(plan: Plan, compute_bytes: int) -> dict[str, int]:
+    """Bytes of the weights each block's job loads (see partial.load_block), from parameter shapes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from layerscope import sites as S
+    from layerscope.models import peek_config
+    from layerscope.partial import _skipped_modules
+
+    raw = peek_config(plan.model, plan.config["hub_cache"])
+    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "auto_map"})
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.config["model"]["trust_remote_code"])
+    layers = S.decoder_layers(model, plan.dims.num_layers)
+    out = {}
+    for b in plan.blocks:
+        skipped = {id(p) for m in _skipped_modules(model, layers, b.start, b.stop) for p in m.parameters()}
+        n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skipped)
+        out[b.name] = n * compute_bytes
+    return out
+
+
+def disk_bytes(lay, itemsize: int, store: dict[str, Any]) -> int:
+    """Bytes of an array's shard files: whole chunks (the last one filled up) and each shard's
+    index, every write in whole 4 KiB blocks (see shards.ShardFile). Compressed arrays: the raw bytes,
+    an upper bound in practice."""
+    chunks = -(-lay.rows // lay.chunk_rows)
+    if store.get("compression", "none") != "none":
+        return lay.rows * lay.width * itemsize
+    per_shard = lay.shard_rows // lay.chunk_rows
+    return chunks * _blocks(lay.chunk_rows * lay.width * itemsize) + lay.num_shards * _blocks(16 * per_shard + 4)
+
+
+def _blocks(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32") -> dict[str, Any]:
+    """Bytes, rows, shards and jobs of the planned run; per block, the weights its jobs hold."""
+    cap, store = plan.config["capture"], plan.config["store"]
+    itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
+    n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
+    h, inter = plan.dims.hidden_size, plan.dims.intermediate_size
+    arrays, sites = [], {}
+    for b in plan.blocks:
+        for layer, site, pos in plan.captures(b):
+            rows = n_ex if pos == "last" else n_tok
+            width = inter if site == "mlp_act" else h
+            lay = make_layout(rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
+            nbytes = rows * width * itemsize
+            arrays.append({"layer": layer, "site": site, "positions": pos, "rows": rows, "width": width,
+                           "bytes": nbytes, "disk_bytes": disk_bytes(lay, itemsize, store), "shards": lay.num_shards})
+            sites[site] = sites.get(site, 0) + nbytes
+    boundary_item = np.dtype(ST_DTYPES[compute_dtype][1]).itemsize
+    part_tokens = []
+    for p in range(cap["parts"]):
+        e0, e1 = part_examples(offsets, h, inter, cap["dtype"], cap["parts"], store, p)
+        part_tokens.append(int(offsets[e1] - offsets[e0]) if e1 > e0 else 0)
+    per_boundary = [t * h * boundary_item for t in part_tokens]
+    n_boundaries = sum(b.writes_boundary for b in plan.blocks)
+    weights = block_weight_bytes(plan, COMPUTE_BYTES[compute_dtype])
+    return {
+        "examples": n_ex, "tokens": n_tok, "jobs": len(plan.blocks) * cap["parts"],
+        "blocks": [{"name": b.name, "layers": list(b.layers), "weight_bytes": weights[b.name],
+                    "reads_boundary": b.reads_boundary, "writes_boundary": b.writes_boundary} for b in plan.blocks],
+        "arrays": arrays, "bytes_per_site": sites, "array_bytes": sum(sites.values()),
+        "disk_bytes": sum(a["disk_bytes"] for a in arrays),
+        "shards": sum(a["shards"] for a in arrays),
+        "boundary_bytes_per_part": per_boundary, "boundary_bytes": n_boundaries * sum(per_boundary),
+        "compute_dtype": compute_dtype,
+    }
