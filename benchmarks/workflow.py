@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--lpj", type=int, nargs="+", default=[1, 2, 8], help="capture.layers_per_job values")
+    ap.add_argument("--sequences", type=int, default=SEQUENCES, help="examples in the data set (each 256 tokens)")
+    ap.add_argument("--no-stale", action="store_true", help="skip the stale-layer re-run (and the lpj 1 run it needs)")
     ap.add_argument("--keep", default=None, help="scratch root to keep (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     root = Path(args.keep or tempfile.mkdtemp(prefix="ls-wfbench-"))
@@ -214,14 +216,14 @@ def run(args, root: Path) -> int:
     from layerscope.dataset import load_tokens, prepare
     from layerscope.models import fetch, load_model, parse_ref
 
-    if 1 not in args.lpj:
+    if 1 not in args.lpj and not args.no_stale:
         args.lpj = [1, *args.lpj]  # the stale-layer re-run needs the layers_per_job 1 run
     # The floor: the same built-in model (same seed) and the same tokens, in this process.
     t = time.perf_counter()
     model_dir = root / "model"
     manifest = {"model": fetch(parse_ref(CONFIG["model"]), model_dir / "weights"), "adapter": None}
     model, tok = load_model(manifest, device="cpu", dtype=CONFIG["model"]["dtype"])
-    texts = make_texts(tok, SEQUENCES, SEQ_LEN)
+    texts = make_texts(tok, args.sequences, SEQ_LEN)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"id": f"s{i}", "text": s}) + "\n" for i, s in enumerate(texts)))
     prepare(data, tok, model_dir / "dataset", max_length=SEQ_LEN)
@@ -300,8 +302,8 @@ def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int]) -> None:
         "forward_s": round(fwd, 3),
         "e2e_s": {k: round(v, 3) for k, v in med.items() if k.startswith("lpj=")},
         "e2e_over_forward": {k.split("=")[1]: round(v / fwd, 2) for k, v in med.items() if k.startswith("lpj=")},
-        "lpj1_over_all": round(med["lpj=1"] / med[all_key], 3),
-        "stale_layer_over_full": round(med["stale"] / med["lpj=1"], 3),
+        "lpj1_over_all": round(med["lpj=1"] / med[all_key], 3) if "lpj=1" in med else None,
+        "stale_layer_over_full": round(med["stale"] / med["lpj=1"], 3) if "stale" in med else None,
         "capture_jobs_s": {k: round(v, 2) for k, v in capture_sums.items()},
         "repeats": len(times["forward"]),
     }

@@ -48,3 +48,63 @@ def test_a_failing_job_leaves_no_temporary_boundary_or_shard(tmp_path, model_fac
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     assert not list((tmp_path / "store-chain").rglob("*.safetensors"))
     assert not list((tmp_path / "store.zarr").rglob("parts/*.json"))
+
+
+CHILD = r"""
+import sys, time
+from pathlib import Path
+from layerscope.steps import run_step
+
+def work(tmp):
+    part = Path(tmp)
+    part.write_text("half-written")
+    try:
+        while True:
+            time.sleep(0.1)
+    finally:
+        part.unlink()
+
+run_step(sys.argv[1], work, tmp=sys.argv[2])
+"""
+
+PARENT = r"""
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("via_shell", [False, True])
+def test_a_job_stops_and_cleans_up_when_snakemake_dies(tmp_path, via_shell):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log, tmp = tmp_path / "job.log", tmp_path / "part.tmp"
+    parent = PARENT
+    if via_shell:  # Snakemake may start a job through a shell that outlives it
+        parent = parent.replace('[sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]]',
+                                '["/bin/sh", "-c", "\\"$0\\" -c \\"$1\\" \\"$2\\" \\"$3\\"; true", sys.executable, '
+                                'sys.argv[1], sys.argv[2], sys.argv[3]]')
+    p = subprocess.Popen([sys.executable, "-c", parent, CHILD, str(log), str(tmp)], stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    for _ in range(100):
+        if tmp.exists():
+            break
+        time.sleep(0.1)
+    assert tmp.exists()
+    os.kill(p.pid, signal.SIGKILL)  # snakemake killed: no chance to stop its jobs itself
+    p.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if not tmp.exists() and "stopping" in log.read_text():
+            break
+        time.sleep(0.1)
+    assert not tmp.exists()  # the job unwound: its finally blocks ran
+    assert "the snakemake process that started this job is gone: stopping" in log.read_text()

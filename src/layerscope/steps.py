@@ -15,14 +15,17 @@ from typing import Any, Callable
 from layerscope.errors import LayerScopeError
 from layerscope.fileio import read_json, write_json
 from layerscope.logs import setup_logging
+from layerscope.watchdog import exit_with_parent
 
 log = logging.getLogger("layerscope.steps")
 
 
 def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Run one step with its log: a LayerScopeError becomes one clear message and exit 1; any other
-    error is logged with its traceback (so the log says what happened) and exits 1 too."""
+    error is logged with its traceback (so the log says what happened) and exits 1 too. The step
+    stops, cleaning up, if the snakemake that started it dies (see watchdog.py)."""
     setup_logging(log_path)
+    exit_with_parent()
     try:
         return fn(**kwargs)
     except LayerScopeError as e:
