@@ -157,3 +157,16 @@ def test_model_changes_model_entry_and_old_manifests(model_factory, tmp_path):
     (run / "model/adapter.json").write_text(json.dumps({"adapter": None}))  # split manifest without an adapter
     assert len(model_changes(run)) == 1
     assert model_changes(tmp_path / "no-run") == []
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "llama-512", "qwen2-tiny", "gpt2-tiny", "opt-tiny", "mixtral-tiny"])
+def test_builtin_config_facts_match_the_real_config(name, model_factory):
+    """Planning reads a built-in model's shape without transformers; it must be what the built model has."""
+    from layerscope import builtin
+    from layerscope.models import dims_from_config
+
+    facts = builtin.config_facts(name)
+    real = json.loads((Path(model_factory(name)["path"]) / "config.json").read_text())
+    assert dims_from_config(facts) == dims_from_config(real)
+    for key in ("max_position_embeddings", "n_positions", "model_type", "architectures", "vocab_size"):
+        assert facts.get(key) == real.get(key), key

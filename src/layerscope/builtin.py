@@ -69,6 +69,21 @@ def hf_config_dict(name: str) -> dict[str, Any]:
     return _hf_config(s).to_dict()
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel",
+                 "opt": "OPTForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def config_facts(name: str) -> dict[str, Any]:
+    """What planning reads from config.json (depth, widths, positions, architecture), straight from
+    the spec: transformers' config classes import torch, which every dry run would then pay for."""
+    s = spec_for(name)
+    positions = {"n_positions": 1024} if s["arch"] == "gpt2" else {"max_position_embeddings": 2048}
+    return {"model_type": s["arch"], "architectures": [ARCHITECTURES[s["arch"]]],
+            "num_hidden_layers": s["num_hidden_layers"], "hidden_size": s["hidden_size"],
+            "intermediate_size": s["intermediate_size"], "vocab_size": s["vocab_size"], "dtype": "float32",
+            **positions}
+
+
 def _hf_config(s: dict[str, Any]):
     from transformers import GPT2Config, LlamaConfig, MixtralConfig, OPTConfig, Qwen2Config
 

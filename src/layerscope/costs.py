@@ -69,7 +69,12 @@ def block_weight_bytes(plan: Plan, compute_bytes: int) -> dict[str, int]:
     from layerscope.models import peek_config
     from layerscope.partial import _skipped_modules
 
-    raw = peek_config(plan.model, plan.config["hub_cache"])
+    if plan.model.kind == "builtin":
+        from layerscope.builtin import hf_config_dict
+
+        raw = hf_config_dict(plan.model.name)
+    else:
+        raw = peek_config(plan.model, plan.config["hub_cache"])
     config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "auto_map"})
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=plan.config["model"]["trust_remote_code"])

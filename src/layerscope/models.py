@@ -61,7 +61,7 @@ def peek_config(ref: ModelRef, hub_cache: str | None = None, allow_download: boo
     if ref.kind == "builtin":
         from layerscope import builtin
 
-        return builtin.hf_config_dict(ref.name)
+        return builtin.config_facts(ref.name)
     if ref.kind == "local":
         f = Path(ref.name) / "config.json"
         return json.loads(f.read_text()) if f.is_file() else None

@@ -63,6 +63,12 @@ def fetch_adapter(adapter: dict | None, model_manifest: str, hub_cache: str | No
     return a
 
 
+def write_settings(settings: dict, out: str) -> None:
+    """The capture settings every capture job reads (see config.Plan.capture_settings)."""
+    write_json(out, settings)
+    log.info("capture settings written to %s", out)
+
+
 def load_manifest(model_manifest: str, adapter_manifest: str | None = None) -> dict:
     """The model and adapter manifests as one dict ``{"model": ..., "adapter": ... or None}``."""
     return {"adapter": None, **read_json(model_manifest), **(read_json(adapter_manifest) if adapter_manifest else {})}

@@ -1,16 +1,15 @@
 rule capture_settings:
     output:
-        SETTINGS,
+        settings=SETTINGS,
     params:
         settings=PLAN.capture_settings(),
     log:
         f"logs/{RUN}/capture_settings.log",
     localrule: True
-    run:
-        from layerscope.fileio import write_json
-
-        write_json(output[0], params.settings)
-        Path(log[0]).write_text(f"capture settings written to {output[0]}\n")
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/capture_settings.py"
 
 
 # One rule per block of `layers_per_job` consecutive model layers, each run once per part of the
