@@ -95,3 +95,17 @@ def planned_jobs(workdir: Path, configfile: Path | None = None) -> list[tuple[st
             return sorted((j.rule.name, tuple(sorted(j.wildcards_dict.items()))) for j in jobs)
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(autouse=True)
+def _package_logging():
+    """Tests that run a workflow step in-process route the package's logger to a job log only
+    (logs.setup_logging); undo that so later tests' caplog sees the package's warnings."""
+    import logging
+
+    yield
+    logger = logging.getLogger("layerscope")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.propagate = True
