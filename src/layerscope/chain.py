@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from layerscope.errors import IncompleteRunError
+from layerscope.fileio import PendingFile
 from layerscope.store import STORAGE_DTYPES, make_layout
 
 FORMAT = "layerscope-boundary-1"
@@ -72,18 +73,15 @@ def _header(n_tokens: int, hidden: int, dtype: str, meta: dict[str, Any]) -> byt
     return struct.pack("<Q", len(text)) + text
 
 
-class BoundaryWriter:
+class BoundaryWriter(PendingFile):
     """Streams the residual stream of a part's examples into a boundary file, rows at their token offset."""
 
     def __init__(self, path: str | os.PathLike, n_tokens: int, hidden: int, dtype: str, meta: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        super().__init__(path)
         self.hidden, self.dtype = hidden, dtype
         self.itemsize = np.dtype(ST_DTYPES[dtype][1]).itemsize
         header = _header(n_tokens, hidden, dtype, meta)
         self.base = len(header)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(self.fd, header)
         os.ftruncate(self.fd, self.base + n_tokens * hidden * self.itemsize)
 
@@ -99,16 +97,7 @@ class BoundaryWriter:
             n = os.pwrite(self.fd, data, off)
             data, off = data[n:], off + n
 
-    def close(self) -> None:
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.tmp.unlink(missing_ok=True)
+    close = PendingFile.commit
 
 
 class Boundary:

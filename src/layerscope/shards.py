@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 from google_crc32c import value as crc32c
 
+from layerscope.fileio import PendingFile
+
 EMPTY = 2**64 - 1
 
 
@@ -84,7 +86,7 @@ def _write_all(fd: int, data: Any) -> None:
         view = view[os.write(fd, view):]
 
 
-class ShardFile:
+class ShardFile(PendingFile):
     """One shard being streamed to disk; call ``append`` per inner chunk, then ``close``.
 
     With ``direct`` the chunks go to disk with O_DIRECT: the disk copies them by DMA instead
@@ -95,19 +97,15 @@ class ShardFile:
 
     def __init__(self, array_dir: str | os.PathLike, shard: int, chunks_per_shard: int,
                  encode: Callable[[np.ndarray], Any], direct: bool = False) -> None:
-        self.path = shard_key(array_dir, shard)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = False
         if direct:
             try:
-                self.fd = os.open(self.tmp, flags | os.O_DIRECT, 0o644)
+                super().__init__(shard_key(array_dir, shard), os.O_DIRECT)
                 self.direct = True
             except OSError:
                 pass
         if not self.direct:
-            self.fd = os.open(self.tmp, flags, 0o644)
+            super().__init__(shard_key(array_dir, shard))
         self.encode = encode
         self.index: list[tuple[int, int]] = []
         self.n = chunks_per_shard
@@ -155,16 +153,7 @@ class ShardFile:
         entries = self.index + [(EMPTY, EMPTY)] * (self.n - len(self.index))
         index = struct.pack(f"<{2 * self.n}Q", *(v for e in entries for v in e))
         self._write(index + struct.pack("<I", crc32c(index)), pad_front=True)
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        """Drop the temporary file (a no-op once the shard was moved into place)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.tmp.unlink(missing_ok=True)
+        self.commit()
 
 
 def read_index(raw: np.ndarray, n_chunks: int) -> np.ndarray:
