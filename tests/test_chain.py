@@ -151,3 +151,18 @@ def test_parts_without_examples_still_finish_the_chain(tmp_path, model_factory):
     assert all(marker_path(root, L, "resid_post", p, pos).is_file() for L, pos in ((0, "last"), (2, "all"))
                for p in range(5))
     assert Boundary(boundary_path(tmp_path / "store-chain", 2, 4)).rows(0, 0).shape == (0, 64)
+
+
+def test_an_adapter_chain_equals_one_group_and_loads_only_its_layers(tmp_path, model_factory, lora_adapter):
+    m = model_factory("llama-tiny")
+    manifest = {"model": m, "adapter": lora_adapter}
+    ds = prepare_texts(tmp_path, m)
+    params = make_params({L: {"sites": SITES, "positions": "all"} for L in range(4)}, parts=2)
+    whole = capture_store(tmp_path, manifest, params, ds, name="whole")
+    chained = capture_store(tmp_path, manifest, params, ds, name="chained", layers_per_job=1)
+    a, b = store_files(whole), store_files(chained)
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+    top, _ = load_block(manifest, "cpu", "float32", False, 2, 3)
+    lora = [n for n, p in top.named_parameters() if "lora_" in n]
+    assert lora and all(".layers.2." in n or ".layers.3." in n for n in lora)
+    assert all(p.device.type != "meta" for n, p in top.named_parameters() if "lora_" in n)

@@ -8,8 +8,10 @@ range are replaced by pass-throughs, and only the needed tensors are read from t
 files. The model's own forward stays in charge of masks, position embeddings and per-layer
 attention types, so every architecture Hugging Face supports works the same way.
 
+A PEFT adapter goes onto the pruned model, so it too is loaded only for the layers the job runs.
 Where a checkpoint's tensor names do not match the model's (older layouts that Hugging Face
-converts on load, fused experts), the whole model is loaded the usual way and pruned.
+converts on load, fused experts), or an adapter touches a module the job does not load, the
+whole model is loaded the usual way and pruned.
 """
 
 from __future__ import annotations
@@ -125,15 +127,29 @@ def _load_partial(m: dict[str, Any], device: str, dtype: torch.dtype, trust_remo
     return model
 
 
+def _with_adapter(model: nn.Module, a: dict[str, Any]) -> nn.Module | None:
+    """The pruned model with its PEFT adapter on the layers it kept; None where that cannot be
+    done exactly (an adapter on a module this job holds no weights for, such as the embeddings)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, a["path"], is_trainable=False)
+    if any(p.device.type == "meta" for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n):
+        log.info("the adapter touches modules this job does not load: loading the whole model")
+        return None
+    return model
+
+
 def load_block(manifest: dict[str, Any], device: str, dtype: str, trust_remote_code: bool, start: int,
                stop: int) -> tuple[nn.Module, Any]:
     """(model, tokenizer) ready to run decoder layers ``start..stop``; other layers pass their input through."""
     from transformers import AutoTokenizer
 
-    m = manifest["model"]
+    m, a = manifest["model"], manifest.get("adapter")
     tdtype = resolve_dtype(dtype, device)
     try:
-        model = None if manifest.get("adapter") else _load_partial(m, device, tdtype, trust_remote_code, start, stop)
+        model = _load_partial(m, device, tdtype, trust_remote_code, start, stop)
+        if model is not None and a:
+            model = _with_adapter(model, a)
     except Exception as e:  # an architecture the skeleton path cannot build: the usual loader still can
         log.info("partial loading failed (%s: %s): loading the whole model", type(e).__name__, e)
         model = None
