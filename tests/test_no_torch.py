@@ -93,3 +93,16 @@ def test_tables_read_from_source_equal_transformers():
     assert known == set(CONFIG_MAPPING_NAMES) and incorrect == MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
     assert set(names) == set(TOKENIZER_MAPPING_NAMES)
     assert all(v == TOKENIZER_MAPPING_NAMES[k] for k, v in names.items() if v != _OPTIONAL)
+
+
+def test_capture_refuses_a_tokenizer_class_that_drifted(model_factory, monkeypatch):
+    """If the torch-free choice of tokenizer class ever differs from AutoTokenizer's, capture stops."""
+    import layerscope.models as models
+    from layerscope.errors import ModelError
+    from layerscope.partial import load_block
+
+    manifest = {"model": model_factory("qwen2-tiny"), "adapter": None}
+    load_block(manifest, "cpu", "float32", False, 0, 0)  # the choices agree
+    monkeypatch.setattr(models, "_tokenizer_class", lambda d: type("Other", (), {}))
+    with pytest.raises(ModelError, match="tokenized with Other but transformers' AutoTokenizer loads"):
+        load_block(manifest, "cpu", "float32", False, 0, 0)

@@ -285,6 +285,17 @@ def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
         raise ModelError(f"model.id: cannot load the tokenizer of {m['id']} from {m['path']}: {e}") from e
 
 
+def check_tokenizer_choice(m: dict[str, Any], auto_tokenizer) -> None:
+    """Refuse a run whose tokenization (``load_tokenizer``, without torch) used another class than
+    AutoTokenizer picks: capture jobs load AutoTokenizer anyway, so a mirror that drifted from a
+    newer transformers fails loudly here instead of capturing other tokens than the model expects."""
+    cls = _tokenizer_class(Path(m["path"]))
+    if cls is not None and type(auto_tokenizer) is not cls:
+        raise ModelError(f"model.id: the data set was tokenized with {cls.__name__} but transformers' AutoTokenizer "
+                         f"loads {type(auto_tokenizer).__name__} for {m['id']}; this is a LayerScope bug, please report "
+                         "it with your transformers version")
+
+
 # The generic backends: a tokenizer.json loaded as it is.
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend")
 

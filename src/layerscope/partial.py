@@ -26,7 +26,7 @@ from torch import nn
 
 from layerscope import sites as S
 from layerscope.errors import ModelError
-from layerscope.models import load_model, resolve_dtype
+from layerscope.models import check_tokenizer_choice, load_model, resolve_dtype
 
 log = logging.getLogger("layerscope.partial")
 
@@ -155,11 +155,13 @@ def load_block(manifest: dict[str, Any], device: str, dtype: str, trust_remote_c
         model = None
     if model is None:
         model, tokenizer = load_model(manifest, device, dtype, trust_remote_code)
-        return _prune(model, m["num_layers"], start, stop), tokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(m["path"], trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise ModelError(f"model.id: cannot load the tokenizer of {m['id']} from {m['path']}: {e}") from e
-    model.eval()
-    torch.set_grad_enabled(False)
+        model = _prune(model, m["num_layers"], start, stop)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(m["path"], trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelError(f"model.id: cannot load the tokenizer of {m['id']} from {m['path']}: {e}") from e
+        model.eval()
+        torch.set_grad_enabled(False)
+    check_tokenizer_choice(m, tokenizer)
     return model, tokenizer
