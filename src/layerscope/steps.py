@@ -87,6 +87,9 @@ def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: d
             device: str, group: str, threads: int, boundary_in: str | None = None,
             boundary_out: str | None = None) -> dict:
     """One capture job; what it captures is read from its completion markers' paths."""
+    from layerscope.gpus import assign
+
+    device = assign(device)  # before torch starts CUDA: a job on a multi-GPU machine gets a GPU of its own
     import torch
 
     from layerscope.capture import run_capture
