@@ -118,25 +118,31 @@ def test_boundary_round_trip_and_refusals(tmp_path):
         Boundary(path)
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 64])
 def test_part_examples_cover_every_layout(parts):
     rng = np.random.default_rng(parts)
     lengths = rng.integers(1, 300, size=50)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     store = {"chunk_mib": 0.01, "shard_mib": 0.05}
     got = [part_examples(offsets, 64, 172, "float16", parts, store, p) for p in range(parts)]
+    computed = lambda p: {e for a, b in got[p] for e in range(a, b)}  # noqa: E731
+    needed: list[set[int]] = [set() for _ in range(parts)]
     for width in (64, 172):
         for rows in (50, int(offsets[-1])):
             lay = make_layout(rows, width, 2, parts, store["chunk_mib"], store["shard_mib"])
-            for p, (e0, e1) in enumerate(got):
+            for p in range(parts):
                 r0, r1 = lay.part_range(p)
                 if r0 >= r1:
                     continue
                 if rows == 50:
-                    assert e0 <= r0 and r1 <= e1
-                else:  # every token row of the part belongs to an example the part computes
-                    assert offsets[e0] <= r0 and r1 <= offsets[e1]
-    assert got[0][0] == 0 and max(e1 for _, e1 in got) == 50
+                    need = set(range(r0, r1))
+                else:  # every example with a token row in the part
+                    need = {e for e in range(50) if offsets[e] < r1 and offsets[e + 1] > r0}
+                assert need <= computed(p)
+                needed[p] |= need
+    for p in range(parts):
+        assert computed(p) == needed[p]  # nothing beyond what some layout needs
+        assert all(b0 < a1 for (_, b0), (a1, _) in zip(got[p], got[p][1:]))  # sorted, disjoint, not touching
 
 
 def test_parts_without_examples_still_finish_the_chain(tmp_path, model_factory):

@@ -209,14 +209,14 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
         attrs = {"layer": j.layer, "site": j.site, "positions": j.positions, "parts": params["parts"]}
         prepare_array(root, j.layer, j.site, part, j.layout, array_metadata(j.layout, params["dtype"],
                                                                             params["store"], attrs, dims))
-    e0, e1 = part_examples(offsets, m["hidden_size"], m["intermediate_size"], params["dtype"], params["parts"],
-                           params["store"], part)
-    log.info("job %s part %d: layers %d..%d, %d arrays, examples [%d, %d) of %d, boundary in %s, out %s", group,
-             part, start, end, len(jobs), e0, e1, n_ex, boundary_in or "(embeddings)", boundary_out or "(none)")
-
-    stats: dict[str, Any] = {"examples": [e0, e1], "tokens": int(offsets[e1] - offsets[e0]) if e1 > e0 else 0}
-    chain = Chain(manifest, params, offsets, e0, e1, boundary_in, boundary_out)
-    _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root, part, group, chain, loaded)
+    spans = part_examples(offsets, m["hidden_size"], m["intermediate_size"], params["dtype"], params["parts"],
+                          params["store"], part)
+    log.info("job %s part %d: layers %d..%d, %d arrays, examples %s of %d, boundary in %s, out %s", group, part,
+             start, end, len(jobs), " ".join(f"[{a}, {b})" for a, b in spans) or "none", n_ex,
+             boundary_in or "(embeddings)", boundary_out or "(none)")
+    chain = Chain(manifest, params, offsets, spans, boundary_in, boundary_out)
+    stats: dict[str, Any] = {"examples": [list(sp) for sp in spans], "tokens": chain.tokens}
+    _capture_examples(manifest, params, device, jobs, token_ids, offsets, root, part, group, chain, loaded)
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["weight_mib"] = round(chain.weight_bytes / 2**20, 1)
@@ -238,12 +238,19 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
 class Chain:
     """The boundaries of one job: the residual stream it starts from and the one it hands on."""
 
-    def __init__(self, manifest: dict[str, Any], params: dict[str, Any], offsets: np.ndarray, e0: int, e1: int,
-                 boundary_in, boundary_out) -> None:
+    def __init__(self, manifest: dict[str, Any], params: dict[str, Any], offsets: np.ndarray,
+                 spans: list[tuple[int, int]], boundary_in, boundary_out) -> None:
         self.start, self.end = params["block"]
-        self.t0, self.t1 = int(offsets[e0]), int(offsets[e1])
+        self.spans = spans
+        # A boundary holds the spans' tokens one after another: where each span's first token goes.
+        self.span_row: dict[int, int] = {}
+        rows = 0
+        for a, b in spans:
+            self.span_row[a] = rows
+            rows += int(offsets[b] - offsets[a])
+        self.tokens = rows
         # What a boundary must have been computed from: same model files, examples and settings.
-        self.key = {"examples": [e0, e1], "tokens": [self.t0, self.t1],
+        self.key = {"examples": [list(sp) for sp in spans], "tokens": rows,
                     "fingerprint": fingerprint(manifest, params)}
         self.input = Boundary(boundary_in) if boundary_in else None
         if self.input is not None:
@@ -278,13 +285,13 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1, root: Path, part, group,
-                      chain: Chain, loaded=None) -> None:
+def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: Path, part, group, chain: Chain,
+                      loaded=None) -> None:
     dev = resolve_device(device)
     m = manifest["model"]
     tdtype = resolve_dtype(params["model_dtype"], dev)
     dtype_name = str(tdtype).removeprefix("torch.")
-    if e1 <= e0:  # a part with no examples: nothing to run, an empty boundary to hand on
+    if not chain.spans:  # a part with no examples: nothing to run, an empty boundary to hand on
         if chain.output_path:
             BoundaryWriter(chain.output_path, 0, m["hidden_size"], dtype_name, {"layer": chain.end + 1,
                                                                                  **chain.key}).close()
@@ -330,7 +337,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
             routers[i].add(batch["t0"], rows_of(x))
 
     def hand_on(x: torch.Tensor) -> None:
-        chain.output.write(batch["t0"] - chain.t0, rows_of(_first(x)).to("cpu"))
+        chain.output.write(batch["brow"], rows_of(_first(x)).to("cpu"))
 
     def take_over(module, args, kwargs):
         # The stream entering the block replaces whatever the pass-throughs below handed up.
@@ -342,7 +349,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
         routers.append(Router(j, pool, writer, encode, direct, lane=i))
         handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, i=i: route(i, x)))
     if chain.output_path:
-        chain.output = BoundaryWriter(chain.output_path, chain.t1 - chain.t0, m["hidden_size"],
+        chain.output = BoundaryWriter(chain.output_path, chain.tokens, m["hidden_size"],
                                       dtype_name, {"layer": chain.end + 1, **chain.key})
         handles.append(layer_mods[chain.end].register_forward_hook(lambda mod, a, o: hand_on(o)))
     if chain.input is not None:
@@ -354,20 +361,20 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, e0, e1
     ok = False
     try:
         with torch.inference_mode():
-            for b0 in tqdm(range(e0, e1, bs), total=math.ceil((e1 - e0) / bs), desc=f"capture {group} part {part}",
-                           unit="batch", mininterval=1.0):
-                b1 = min(b0 + bs, e1)
+            todo = [(sa, b0, min(b0 + bs, sb)) for sa, sb in chain.spans for b0 in range(sa, sb, bs)]
+            for sa, b0, b1 in tqdm(todo, desc=f"capture {group} part {part}", unit="batch", mininterval=1.0):
                 ids, mask, lens = _batch(token_ids, offsets, b0, b1, pad_id, left)
                 mask_t = torch.from_numpy(mask).to(dev, non_blocking=True)
                 pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
                 padded = bool((lens != ids.shape[1]).any())
                 last = np.full(len(lens), ids.shape[1] - 1) if left else lens - 1
-                batch.update(e0=b0, t0=int(offsets[b0]), sel=mask_t.bool() if padded else None,
+                brow = chain.span_row[sa] + int(offsets[b0] - offsets[sa])  # the batch's first row in a boundary
+                batch.update(e0=b0, t0=int(offsets[b0]), brow=brow, sel=mask_t.bool() if padded else None,
                              rows=torch.arange(b1 - b0, device=dev), last=torch.from_numpy(last).to(dev))
                 if chain.input is None:
                     inputs = {"input_ids": torch.from_numpy(ids).to(dev, non_blocking=True)}
                 else:
-                    flat = chain.input.rows(int(offsets[b0]) - chain.t0, int(offsets[b1]) - chain.t0)
+                    flat = chain.input.rows(brow, brow + int(offsets[b1] - offsets[b0]))
                     h = torch.zeros((b1 - b0, ids.shape[1], flat.shape[-1]), dtype=flat.dtype)
                     h[torch.from_numpy(mask).bool()] = flat
                     batch["h_in"] = h.to(dev, dtype=tdtype)

@@ -36,18 +36,19 @@ def boundary_path(results: str | os.PathLike, layer: int, part: int | str) -> Pa
 
 
 def part_examples(offsets: np.ndarray, hidden: int, intermediate: int, dtype: str, parts: int,
-                  store_cfg: dict[str, Any], part: int) -> tuple[int, int]:
-    """The examples a part's jobs compute, whatever they capture.
+                  store_cfg: dict[str, Any], part: int) -> list[tuple[int, int]]:
+    """The examples a part's jobs compute, whatever they capture: sorted, disjoint [start, end) ranges.
 
     A part of an array is a whole number of shards, so its rows can begin or end inside an
     example, and arrays of other widths or position modes split differently. Every job of a
-    part computes the union over all layouts an array could have in this run (last or all
+    part computes the examples of every layout an array could have in this run (last or all
     positions, hidden or intermediate width), so its boundary serves every job above it,
-    including ones for layers or sites added later.
+    including ones for layers or sites added later. The ranges are kept apart rather than
+    spanned: a part's ``last`` rows and its ``all`` rows can lie far apart in the data set.
     """
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     itemsize = STORAGE_DTYPES[dtype].itemsize
-    lo, hi = n_ex, 0
+    ranges = []
     for width in {hidden, intermediate}:
         for rows in (n_ex, n_tok):
             lay = make_layout(rows, width, itemsize, parts, store_cfg["chunk_mib"], store_cfg["shard_mib"])
@@ -55,12 +56,17 @@ def part_examples(offsets: np.ndarray, hidden: int, intermediate: int, dtype: st
             if r0 >= r1:
                 continue
             if rows == n_ex and rows != n_tok:
-                e0, e1 = r0, r1
+                ranges.append((r0, r1))
             else:
-                e0 = int(np.searchsorted(offsets, r0, side="right")) - 1
-                e1 = int(np.searchsorted(offsets, r1, side="left"))
-            lo, hi = min(lo, e0), max(hi, e1)
-    return (lo, hi) if lo < hi else (0, 0)
+                ranges.append((int(np.searchsorted(offsets, r0, side="right")) - 1,
+                               int(np.searchsorted(offsets, r1, side="left"))))
+    merged: list[tuple[int, int]] = []
+    for e0, e1 in sorted(ranges):
+        if merged and e0 <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e1))
+        else:
+            merged.append((e0, e1))
+    return merged
 
 
 def _header(n_tokens: int, hidden: int, dtype: str, meta: dict[str, Any]) -> bytes:

@@ -103,7 +103,12 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
     p(f"data       {est['examples']} examples, {est['tokens']} tokens, {cap['parts']} part(s)")
     p(f"jobs       {est['jobs']} capture jobs ({len(est['blocks'])} blocks of up to {cap['layers_per_job']} layers "
       f"x {cap['parts']} parts)")
-    for b in est["blocks"]:
+    blocks = est["blocks"]
+    shown = blocks if len(blocks) <= 12 else blocks[:4] + [None] + blocks[-3:]
+    for b in shown:
+        if b is None:
+            p(f"  ... {len(blocks) - 7} more blocks ...")
+            continue
         p(f"  {b['name']}  captures {b['layers'] or 'nothing (relay)'}; weights {_human(b['weight_bytes'])}"
           + ("; hands on a boundary" if b["writes_boundary"] else ""))
     p(f"arrays     {len(est['arrays'])} arrays, {est['shards']} shards, {_human(est['array_bytes'])} ({cap['dtype']}), "

@@ -121,8 +121,8 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32") ->
     boundary_item = np.dtype(ST_DTYPES[compute_dtype][1]).itemsize
     part_tokens = []
     for p in range(cap["parts"]):
-        e0, e1 = part_examples(offsets, h, inter, cap["dtype"], cap["parts"], store, p)
-        part_tokens.append(int(offsets[e1] - offsets[e0]) if e1 > e0 else 0)
+        spans = part_examples(offsets, h, inter, cap["dtype"], cap["parts"], store, p)
+        part_tokens.append(sum(int(offsets[b] - offsets[a]) for a, b in spans))
     per_boundary = [t * h * boundary_item for t in part_tokens]
     n_boundaries = sum(b.writes_boundary for b in plan.blocks)
     weights = block_weight_bytes(plan, COMPUTE_BYTES[compute_dtype])
