@@ -173,6 +173,10 @@ class Plan:
         del cfg["dashboard"]
         if self.model.kind != "hub" and (self.adapter is None or self.adapter.kind != "hub"):
             del cfg["hub_cache"]
+        for key, ref in (("model", self.model), ("adapter", self.adapter)):
+            if ref is not None:  # a revision means something only on the hub, a seed only for built-ins
+                cfg[key] = {k: v for k, v in cfg[key].items() if not (k == "revision" and ref.kind != "hub"
+                                                                       or k == "seed" and ref.kind != "builtin")}
         return cfg
 
     def capture_settings(self) -> dict[str, Any]:
