@@ -281,10 +281,6 @@ def _batch(token_ids: np.ndarray, offsets: np.ndarray, b0: int, b1: int, pad_id:
     return ids, mask, lens
 
 
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: Path, part, group, chain: Chain,
                       loaded=None) -> None:
     dev = resolve_device(device)
@@ -337,7 +333,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
             routers[i].add(batch["t0"], rows_of(x))
 
     def hand_on(x: torch.Tensor) -> None:
-        chain.output.write(batch["brow"], rows_of(_first(x)).to("cpu"))
+        chain.output.write(batch["brow"], rows_of(S.first_tensor(x)).to("cpu"))
 
     def take_over(module, args, kwargs):
         # The stream entering the block replaces whatever the pass-throughs below handed up.

@@ -54,7 +54,8 @@ def _child(parent: nn.Module, names: tuple[str, ...], what: str, layer: int) -> 
     raise ModelError(f"layer {layer}: no {what} module (looked for {', '.join(names)}) in {type(parent).__name__}")
 
 
-def _first(x):
+def first_tensor(x):
+    """A module's output tensor: the first element where it returns a tuple (hidden, weights, ...)."""
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
@@ -109,10 +110,10 @@ def _layer_mlp_hook(layer_module: nn.Module, down: nn.Module, site: str, sink: C
 def attach(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None]):
     """Register a hook that passes the site's [batch, seq, width] tensor to ``sink``; returns the handle."""
     if site == "resid_post":
-        return layer_module.register_forward_hook(lambda m, a, o: sink(_first(o)))
+        return layer_module.register_forward_hook(lambda m, a, o: sink(first_tensor(o)))
     if site == "attn_out":
         mod = _child(layer_module, ATTN_NAMES, "attention", layer)
-        return mod.register_forward_hook(lambda m, a, o: sink(_first(o)))
+        return mod.register_forward_hook(lambda m, a, o: sink(first_tensor(o)))
     if site not in ("mlp_out", "mlp_act"):
         raise ModelError(f"unknown site {site!r}")
     mlp = _optional(layer_module, MLP_NAMES)
@@ -123,7 +124,7 @@ def attach(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch
         mlp = _child(layer_module, MLP_NAMES, "MLP", layer)  # raises, naming what was looked for
     if site == "mlp_out":
         # A sparse MoE block may return (hidden, router_logits): the first element is its output.
-        return mlp.register_forward_hook(lambda m, a, o: sink(_first(o)))
+        return mlp.register_forward_hook(lambda m, a, o: sink(first_tensor(o)))
     if _is_sparse_moe_module(mlp):
         raise ModelError(f"layer {layer}: mlp_act is not defined for {type(mlp).__name__} (a sparse "
                          f"mixture-of-experts MLP: each expert has its own neurons); {SPARSE_MOE_HINT}")
