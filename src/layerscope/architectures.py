@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+
+def site_width(site: str, hidden: int, intermediate: int) -> int:
+    """Width of a site's rows: the MLP's neurons for mlp_act, the residual width for the others."""
+    return intermediate if site == "mlp_act" else hidden
+
 # Sparse mixture-of-experts models whose model_type does not say "moe".
 MOE_MODEL_TYPES = frozenset({
     "mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss", "jamba", "llama4", "llama4_text", "minimax",

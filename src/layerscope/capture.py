@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from layerscope import sites as S
 from layerscope.chain import Boundary, BoundaryWriter, part_examples
-from layerscope.config import dumps_stable
+from layerscope.architectures import site_width
+from layerscope.config import Block, dumps_stable
 from layerscope.dataset import load_tokens
 from layerscope.errors import ModelError
 from layerscope.models import resolve_device, resolve_dtype
@@ -37,10 +38,6 @@ log = logging.getLogger("layerscope.capture")
 
 WRITER_THREADS = 4
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def site_width(site: str, hidden: int, intermediate: int) -> int:
-    return intermediate if site == "mlp_act" else hidden
 
 
 @dataclass
@@ -292,10 +289,8 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
             BoundaryWriter(chain.output_path, 0, m["hidden_size"], dtype_name, {"layer": chain.end + 1,
                                                                                  **chain.key}).close()
         return
-    captured = [j.layer for j in jobs]
-    # Run to the block's end when the job hands its boundary on, else only as far as it captures
-    # (config.Block.stop, which the cost estimate uses too).
-    stop = chain.end if chain.output_path or not captured else max(captured)
+    stop = Block(chain.start, chain.end, tuple(j.layer for j in jobs), chain.input is not None,
+                 bool(chain.output_path)).stop
     if loaded is not None:
         model, tokenizer = loaded
     else:

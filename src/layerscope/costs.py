@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from layerscope.architectures import site_width
 from layerscope.chain import ST_DTYPES, part_examples
 from layerscope.config import Plan
 from layerscope.shards import ALIGN
@@ -112,7 +113,7 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32") ->
     for b in plan.blocks:
         for layer, site, pos in plan.captures(b):
             rows = n_ex if pos == "last" else n_tok
-            width = inter if site == "mlp_act" else h
+            width = site_width(site, h, inter)
             lay = make_layout(rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
             nbytes = rows * width * itemsize
             arrays.append({"layer": layer, "site": site, "positions": pos, "rows": rows, "width": width,

@@ -69,8 +69,9 @@ def capture_inputs(block):
 
 def all_markers(wildcards):
     return [
-        str(marker_path(STORE, L, s, p, PLAN.settings[L]["positions"]))
-        for L, s in PLAN.arrays()
+        str(marker_path(STORE, L, s, p, pos))
+        for b in PLAN.blocks
+        for L, s, pos in PLAN.captures(b)
         for p in range(PLAN.parts)
     ]
 
