@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerscope.capture import run_capture
-from layerscope.dataset import _save_npy
-from layerscope.models import fetch, load_model, parse_ref
+from layerscope.capture.run import run_capture
+from layerscope.data.dataset import _save_npy
+from layerscope.models.loading import fetch, load_model, parse_ref
 
 WORKLOADS = {"resid": ["resid_post"], "everything": ["resid_post", "attn_out", "mlp_out", "mlp_act"]}
 
@@ -71,7 +71,7 @@ def bare_forward(model, ids, n, seq, bs, device, body_only: bool = False) -> Non
 
 def naive(model, ids, n, seq, bs, device, sites, out: Path) -> None:
     """What researchers usually write: gather per batch, torch.save each layer, then the next batch."""
-    from layerscope.sites import decoder_layers
+    from layerscope.capture.sites import decoder_layers
 
     layers = decoder_layers(model, model.config.num_hidden_layers)
     got: dict[str, torch.Tensor] = {}

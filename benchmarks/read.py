@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import zarr
 
-from layerscope.capture import ArrayJob, BufferPool, Router
-from layerscope.reader import Activations, PartMarkers
-from layerscope.shards import chunk_encoder
-from layerscope.store import array_metadata, make_layout
-from layerscope.writer import ShardWriter
+from layerscope.capture.run import ArrayJob, BufferPool, Router
+from layerscope.store.reader import Activations, PartMarkers
+from layerscope.store.shards import chunk_encoder
+from layerscope.store.layout import array_metadata, make_layout
+from layerscope.store.writer import ShardWriter
 
 STORE = {"chunk_mib": 2, "shard_mib": 64, "compression": "none", "compression_level": 3}
 

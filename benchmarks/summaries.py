@@ -6,7 +6,7 @@ shape (builtin:llama-512: hidden 512, intermediate 1376, 8 layers; 64 sequences 
 all positions, float16), and times in one process, repeated:
 
   capture    LayerScope's capture job plus finalize (the work ``summarize`` reads back)
-  summarize  ``layerscope.summaries.summarize`` with the dashboard's default settings
+  summarize  ``layerscope.analysis.summaries.summarize`` with the dashboard's default settings
   cold       the same in a fresh interpreter, imports included, as the workflow's job runs it
 
 for two workloads: ``resid`` (resid_post at every layer: the heatmap only) and ``everything``
@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerscope.capture import run_capture
-from layerscope.dataset import _save_npy
+from layerscope.capture.run import run_capture
+from layerscope.data.dataset import _save_npy
 from layerscope.fileio import write_json
-from layerscope.metadata import write_metadata
-from layerscope.models import fetch, load_model, parse_ref
-from layerscope.store import finalize
-from layerscope.summaries import summarize
+from layerscope.data.metadata import write_metadata
+from layerscope.models.loading import fetch, load_model, parse_ref
+from layerscope.store.layout import finalize
+from layerscope.analysis.summaries import summarize
 
 WORKLOADS = {"resid": ["resid_post"], "everything": ["resid_post", "attn_out", "mlp_out", "mlp_act"]}
 DASHBOARD = {"site": "mlp_act", "top_k": 10, "context": 8, "neurons_per_layer": 64, "heatmap_examples": 20}
@@ -89,7 +89,7 @@ def add_metadata(run_dir: Path, scratch: Path, ds: Path, params: dict, seq: int)
                    str(run_dir / "activations.zarr"), str(run_dir / "metadata.json"), str(run_dir / "run_config.json"))
 
 
-COLD = ("import json, sys; from layerscope.summaries import summarize; "
+COLD = ("import json, sys; from layerscope.analysis.summaries import summarize; "
         "summarize(sys.argv[1], **json.loads(sys.argv[2]))")
 
 

@@ -213,8 +213,8 @@ def run(args, root: Path) -> int:
     os.environ.update(env())
     import torch
 
-    from layerscope.dataset import load_tokens, prepare
-    from layerscope.models import fetch, load_model, parse_ref
+    from layerscope.data.dataset import load_tokens, prepare
+    from layerscope.models.loading import fetch, load_model, parse_ref
 
     if 1 not in args.lpj and not args.no_stale:
         args.lpj = [1, *args.lpj]  # the stale-layer re-run needs the layers_per_job 1 run

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def model_factory(tmp_path_factory):
     """Build (once per session) a built-in model and return its manifest entry."""
-    from layerscope.models import fetch, parse_ref
+    from layerscope.models.loading import fetch, parse_ref
 
     cache: dict[tuple[str, int], dict] = {}
 
@@ -35,7 +35,7 @@ def model_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def lora_adapter(model_factory, tmp_path_factory):
-    from layerscope.models import fetch, parse_ref
+    from layerscope.models.loading import fetch, parse_ref
 
     base = model_factory("llama-tiny")
     d = tmp_path_factory.mktemp("lora")

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from layerscope.capture import run_capture
-from layerscope.dataset import load_tokens, prepare
-from layerscope.models import load_model, load_tokenizer
-from layerscope.store import finalize
+from layerscope.capture.run import run_capture
+from layerscope.data.dataset import load_tokens, prepare
+from layerscope.models.loading import load_model, load_tokenizer
+from layerscope.store.layout import finalize
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -45,7 +45,7 @@ def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, na
     """Capture ``params["layers"]`` (as make_params builds it) for every part, as the workflow
     does: one job per block of ``layers_per_job`` layers (default: one block up to the highest
     captured layer), chained by boundary files; then finalize the store. Returns the store root."""
-    from layerscope.chain import boundary_path
+    from layerscope.capture.chain import boundary_path
 
     layers = {int(k): v for k, v in params["layers"].items()}
     top = max(layers)
@@ -70,7 +70,7 @@ def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, na
 def reference(manifest: dict, dataset_dir: Path) -> dict[tuple[int, str], list[np.ndarray]]:
     """Per example, run alone and unpadded: hidden states from output_hidden_states, and the other
     sites from plain hooks; returns {(layer, site): [per-example [tokens, width] float32 arrays]}."""
-    from layerscope.sites import base_model, decoder_layers
+    from layerscope.capture.sites import base_model, decoder_layers
 
     model, _ = load_model(manifest, "cpu", "float32")
     n = manifest["model"]["num_layers"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from layerscope.reader import bf16_to_float32
-from layerscope.store import marker_path
+from layerscope.store.reader import bf16_to_float32
+from layerscope.store.layout import marker_path
 from tests.helpers import capture_store, make_params, prepare_texts, reference
 
 SITES = ["resid_post", "attn_out", "mlp_out", "mlp_act"]
@@ -84,9 +84,8 @@ def test_half_precision_storage_is_lossless_cast(tmp_path, model_factory, dtype)
 
 
 def test_forward_stops_after_highest_needed_layer(tmp_path, model_factory, monkeypatch):
-    import layerscope.capture as cap
-    from layerscope import sites
-
+    import layerscope.capture.run as cap
+    from layerscope.capture import sites
     m = model_factory("llama-tiny")
     ds = prepare_texts(tmp_path, m)
     calls = []
@@ -134,8 +133,8 @@ def test_moe_mlp_act_refused_at_capture_time(tmp_path, model_factory):
 
 def test_opt_mlp_hooks_leave_no_trace(model_factory):
     # OPT's MLP sites hook fc2 and the layer itself (for the [batch, seq] shape); removal takes both.
-    from layerscope.models import load_model
-    from layerscope.sites import attach, decoder_layers
+    from layerscope.models.loading import load_model
+    from layerscope.capture.sites import attach, decoder_layers
 
     m = model_factory("opt-tiny")
     model, _ = load_model({"model": m, "adapter": None})

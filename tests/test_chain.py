@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from layerscope.chain import Boundary, BoundaryWriter, boundary_path, part_examples
+from layerscope.capture.chain import Boundary, BoundaryWriter, boundary_path, part_examples
 from layerscope.errors import IncompleteRunError
-from layerscope.partial import PassThrough, load_block, weight_bytes
-from layerscope.store import make_layout
+from layerscope.capture.partial import PassThrough, load_block, weight_bytes
+from layerscope.store.layout import make_layout
 from tests.helpers import capture_store, make_params, prepare_texts
 
 SITES = ["resid_post", "attn_out", "mlp_out", "mlp_act"]
@@ -147,7 +147,7 @@ def test_part_examples_cover_every_layout(parts):
 
 def test_parts_without_examples_still_finish_the_chain(tmp_path, model_factory):
     """More parts than tokens: the empty parts run nothing, hand on empty boundaries and leave markers."""
-    from layerscope.store import marker_path
+    from layerscope.store.layout import marker_path
 
     m = model_factory("llama-tiny")
     ds = prepare_texts(tmp_path, m, texts=["A"])

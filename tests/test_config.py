@@ -128,7 +128,7 @@ MOE_MLP_ACT = ("capture.sites: mlp_act is not defined for mixtral (a sparse mixt
     ("gpt2", "GPT2LMHeadModel", ["mlp_act"], None),
 ])
 def test_check_sites(model_type, arch, sites, problem):
-    from layerscope.architectures import check_sites
+    from layerscope.models.architectures import check_sites
 
     got = check_sites(model_type, arch, sites)
     if problem is None:
@@ -138,7 +138,7 @@ def test_check_sites(model_type, arch, sites, problem):
 
 
 def test_check_capture_names_the_override():
-    from layerscope.architectures import check_capture
+    from layerscope.models.architectures import check_capture
 
     cap = {"sites": ["resid_post"], "overrides": {"-1": {"positions": "last"}, "2": {"sites": ["mlp_act"]}}}
     assert check_capture("mixtral", "MixtralForCausalLM", cap).startswith(

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import zarr
 
-from layerscope.chain import Boundary
+from layerscope.capture.chain import Boundary
 from tests.conftest import REPO
 
 

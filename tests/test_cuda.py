@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from layerscope.models import resolve_device
+from layerscope.models.loading import resolve_device
 from tests.helpers import capture_store, make_params, prepare_texts, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from layerscope.dashboard import render_html, write_dashboard
+from layerscope.web.dashboard import render_html, write_dashboard
 
 HOSTILE = "</script><script>alert(1)</script>"
 

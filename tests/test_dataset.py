@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from layerscope.dataset import csv_value, example_text, load_examples, load_tokens, prepare
+from layerscope.data.dataset import csv_value, example_text, load_examples, load_tokens, prepare
 from layerscope.errors import DataError
-from layerscope.models import load_tokenizer
+from layerscope.models.loading import load_tokenizer
 from tests.conftest import write_jsonl
 
 

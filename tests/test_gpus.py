@@ -11,11 +11,10 @@ import time
 
 import pytest
 
-from layerscope import gpus
-
+from layerscope.capture import gpus
 JOB = r"""
 import os, sys, time
-from layerscope.gpus import assign
+from layerscope.capture.gpus import assign
 device = assign(sys.argv[1])
 print(device, os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
 time.sleep(60)

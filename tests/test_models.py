@@ -11,8 +11,8 @@ import pytest
 
 from layerscope.config import build_plan
 from layerscope.errors import ConfigError, ModelError
-from layerscope.models import fetch, parse_ref, peek_config
-from layerscope.reader import model_changes
+from layerscope.models.loading import fetch, parse_ref, peek_config
+from layerscope.store.reader import model_changes
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = Path(__file__).resolve().parents[1]
@@ -162,8 +162,8 @@ def test_model_changes_model_entry_and_old_manifests(model_factory, tmp_path):
 @pytest.mark.parametrize("name", ["llama-tiny", "llama-512", "qwen2-tiny", "gpt2-tiny", "opt-tiny", "mixtral-tiny"])
 def test_builtin_config_facts_match_the_real_config(name, model_factory):
     """Planning reads a built-in model's shape without transformers; it must be what the built model has."""
-    from layerscope import builtin
-    from layerscope.models import dims_from_config
+    from layerscope.models import builtin
+    from layerscope.models.loading import dims_from_config
 
     facts = builtin.config_facts(name)
     real = json.loads((Path(model_factory(name)["path"]) / "config.json").read_text())

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from layerscope.dataset import example_text, load_examples, load_tokens, prepare
-from layerscope.models import _auto_config, dims_from_config, load_tokenizer
+from layerscope.data.dataset import example_text, load_examples, load_tokens, prepare
+from layerscope.models.loading import _auto_config, dims_from_config, load_tokenizer
 from tests.conftest import REPO, write_jsonl
 
 RECORDS = [
@@ -43,7 +43,7 @@ def test_tokenization_equals_autotokenizer(model_factory, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["llama-tiny", "qwen2-tiny", "gpt2-tiny", "llama-512"])
 def test_dims_from_raw_keys_equal_autoconfig(name):
-    from layerscope.builtin import hf_config_dict
+    from layerscope.models.builtin import hf_config_dict
 
     cfg = hf_config_dict(name)
     c = _auto_config(cfg)
@@ -87,7 +87,7 @@ def test_tables_read_from_source_equal_transformers():
     from transformers.models.auto.tokenization_auto import (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
                                                             TOKENIZER_MAPPING_NAMES)
 
-    from layerscope.models import _OPTIONAL, _auto_tokenizer_tables
+    from layerscope.models.loading import _OPTIONAL, _auto_tokenizer_tables
 
     names, incorrect, known = _auto_tokenizer_tables()
     assert known == set(CONFIG_MAPPING_NAMES) and incorrect == MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
@@ -97,9 +97,9 @@ def test_tables_read_from_source_equal_transformers():
 
 def test_capture_refuses_a_tokenizer_class_that_drifted(model_factory, monkeypatch):
     """If the torch-free choice of tokenizer class ever differs from AutoTokenizer's, capture stops."""
-    import layerscope.models as models
+    import layerscope.models.loading as models
     from layerscope.errors import ModelError
-    from layerscope.partial import load_block
+    from layerscope.capture.partial import load_block
 
     manifest = {"model": model_factory("qwen2-tiny"), "adapter": None}
     load_block(manifest, "cpu", "float32", False, 0, 0)  # the choices agree

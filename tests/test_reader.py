@@ -15,9 +15,9 @@ import torch
 import zarr
 
 import layerscope
-from layerscope.dataset import example_text
+from layerscope.data.dataset import example_text
 from layerscope.errors import IncompleteRunError, LayerScopeError
-from layerscope.reader import bf16_to_float32
+from layerscope.store.reader import bf16_to_float32
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_open_run_refuses_reads_while_an_array_is_rewritten(run_copy):
 
 def test_marker_check_is_cheap(run_copy, monkeypatch):
     """Unchanged markers are stat'ed, never re-read, on every read after the first."""
-    import layerscope.reader as reader
+    import layerscope.store.reader as reader
 
     acts = layerscope.open(run_copy).activations(0, "resid_post")
     calls = []
@@ -166,7 +166,7 @@ def test_open_warns_when_the_model_changed_on_disk(run_copy, tmp_path):
     manifest = json.loads((run_copy / "model/manifest.json").read_text())
     weights = tmp_path / "weights"
     shutil.copytree(manifest["model"]["path"], weights)
-    from layerscope.models import fetch, parse_ref
+    from layerscope.models.loading import fetch, parse_ref
 
     manifest["model"] = fetch(parse_ref({"id": str(weights)}), tmp_path / "unused")
     (run_copy / "model/manifest.json").write_text(json.dumps(manifest))

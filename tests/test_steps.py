@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import layerscope.capture as cap
+import layerscope.capture.run as cap
 from layerscope.errors import DataError
 from layerscope.steps import run_step
 from tests.helpers import capture_store, make_params, prepare_texts

@@ -12,11 +12,11 @@ import zarr
 import layerscope
 import torch
 
-from layerscope.capture import ArrayJob, BufferPool, Router
-from layerscope.shards import ShardFile, ShardMap, chunk_encoder
+from layerscope.capture.run import ArrayJob, BufferPool, Router
+from layerscope.store.shards import ShardFile, ShardMap, chunk_encoder
 from layerscope.errors import IncompleteRunError
-from layerscope.store import array_metadata, check_complete, make_layout
-from layerscope.writer import ShardWriter
+from layerscope.store.layout import array_metadata, check_complete, make_layout
+from layerscope.store.writer import ShardWriter
 from tests.helpers import capture_store, make_params, prepare_texts
 
 
@@ -111,8 +111,7 @@ def test_writer_error_fails_promptly(threaded):
 
 @pytest.mark.parametrize("mode", ["inline", "direct", "threads"])
 def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monkeypatch, mode):
-    from layerscope import capture as cap
-
+    from layerscope.capture import run as cap
     monkeypatch.setattr(cap.os, "cpu_count", lambda: 64 if mode == "threads" else 1)
     monkeypatch.setattr(cap, "direct_io_supported", lambda root: mode == "direct")
 
@@ -173,7 +172,7 @@ def test_open_refuses_unfinished_run(tmp_path):
 def test_reader_paths_agree(tmp_path, model_factory, compression, dtype):
     """Uncompressed arrays are read from the shard files directly, compressed ones through zarr:
     both give exactly what zarr-python reads."""
-    from layerscope.reader import Activations, bf16_to_float32
+    from layerscope.store.reader import Activations, bf16_to_float32
 
     m = model_factory("llama-tiny")
     ds = prepare_texts(tmp_path, m)
@@ -198,8 +197,7 @@ def test_reader_paths_agree(tmp_path, model_factory, compression, dtype):
 
 def test_overlapped_writes_equal_synchronous_writes(tmp_path, model_factory, monkeypatch):
     """Writer thread or not, O_DIRECT or not: the same store, byte for byte."""
-    from layerscope import capture as cap
-
+    from layerscope.capture import run as cap
     m = model_factory("llama-tiny")
     ds = prepare_texts(tmp_path, m)
     params = make_params({L: {"sites": ["resid_post", "mlp_act"], "positions": "all"} for L in range(3)},
@@ -225,7 +223,7 @@ def test_out_of_range_values_are_counted(tmp_path, model_factory, dtype, caplog)
 
     from safetensors.torch import load_file, save_file
 
-    from layerscope.store import marker_path
+    from layerscope.store.layout import marker_path
 
     src = model_factory("llama-tiny")
     d = tmp_path / "loud"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import layerscope
-from layerscope.dataset import example_text
+from layerscope.data.dataset import example_text
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ class FakeActivations:
         self.x, self.dtype, self.shard_rows, self.width = x, dtype, shard_rows, x.shape[1]
 
     def iter_shards(self, raw: bool = False):
-        from layerscope.reader import bf16_to_float32
+        from layerscope.store.reader import bf16_to_float32
 
         r = 0
         for n in self.shard_rows:
@@ -85,7 +85,7 @@ class FakeActivations:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_neuron_extremes_match_a_full_sort(dtype, k):
-    from layerscope.summaries import neuron_extremes
+    from layerscope.analysis.summaries import neuron_extremes
 
     rng = np.random.default_rng(k)
     n, w = 700, 37
@@ -114,9 +114,9 @@ def test_neuron_extremes_on_a_store(tmp_path, model_factory):
     """Through the reader, on a real multi-shard store: the same as a full sort of the array."""
     import zarr
 
-    from layerscope.dataset import load_tokens
-    from layerscope.reader import Activations
-    from layerscope.summaries import neuron_extremes
+    from layerscope.data.dataset import load_tokens
+    from layerscope.store.reader import Activations
+    from layerscope.analysis.summaries import neuron_extremes
     from tests.helpers import capture_store, make_params, prepare_texts
 
     manifest = {"model": model_factory("llama-tiny"), "adapter": None}
@@ -138,7 +138,7 @@ def small_run(tmp_path, model_factory, layers: dict) -> str:
     """A finished run directory (store, metadata, examples, manifest) built without Snakemake."""
     import shutil
 
-    from layerscope.metadata import write_metadata
+    from layerscope.data.metadata import write_metadata
     from tests.helpers import capture_store, make_params, prepare_texts
 
     manifest = {"model": model_factory("llama-tiny"), "adapter": None}
@@ -160,11 +160,11 @@ def small_run(tmp_path, model_factory, layers: dict) -> str:
 
 
 def test_missing_inputs_are_named_with_their_config_keys(tmp_path, model_factory, caplog):
-    from layerscope.summaries import summarize
+    from layerscope.analysis.summaries import summarize
 
     run = small_run(tmp_path, model_factory, {0: {"sites": ["resid_post", "mlp_out"], "positions": "last"},
                                               1: {"sites": ["mlp_out"], "positions": "all"}})
-    with caplog.at_level("WARNING", logger="layerscope.summaries"):
+    with caplog.at_level("WARNING", logger="layerscope.analysis.summaries"):
         s = summarize(run, site="mlp_act", top_k=3)
     assert s["heatmap"] is None and s["neurons"] is None
     assert "resid_post" in s["notes"]["heatmap"] and "capture.positions: all" in s["notes"]["heatmap"]

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from layerscope.models import load_tokenizer
-from layerscope.tokens import TokenTexts, load_decoder, token_texts
+from layerscope.models.loading import load_tokenizer
+from layerscope.data.tokens import TokenTexts, load_decoder, token_texts
 
 
 def test_pieces_join_to_text_without_replacement_chars(model_factory):

@@ -8,6 +8,6 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 from layerscope.errors import LayerScopeError, ConfigError, DataError, ModelError  # noqa: E402
-from layerscope.reader import Run, open  # noqa: E402,A004
+from layerscope.store.reader import Run, open  # noqa: E402,A004
 
 __all__ = ["__version__", "open", "Run", "LayerScopeError", "ConfigError", "DataError", "ModelError"]

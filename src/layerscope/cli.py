@@ -21,7 +21,7 @@ def _human(n: float) -> str:
 
 def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
     """Print a summary of a run: model, splits, arrays with shapes and bytes on disk, and some examples."""
-    from layerscope.reader import Run
+    from layerscope.store.reader import Run
 
     run = Run(run_dir)
     md = run.metadata
@@ -47,10 +47,10 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
         p(f"  layer_{L:02d}/{s:<11} {a.positions:<4} shape {list(a.shape)!s:<14} {_human(nbytes)}{warn}")
     p(f"bytes on disk (activations) {_human(total)}")
     if show_examples:
-        from layerscope.dataset import example_text
+        from layerscope.data.dataset import example_text
         from layerscope.fileio import read_json
-        from layerscope.models import load_tokenizer
-        from layerscope.tokens import token_texts
+        from layerscope.models.loading import load_tokenizer
+        from layerscope.data.tokens import token_texts
 
         tok = load_tokenizer(read_json(run.path / "model" / "manifest.json"))
         for ex in run.examples[:show_examples]:
@@ -75,9 +75,9 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
     import yaml
 
     from layerscope.config import build_plan
-    from layerscope.costs import estimate, plan_offsets
+    from layerscope.analysis.costs import estimate, plan_offsets
     from layerscope.errors import ConfigError
-    from layerscope.models import resolve_device, resolve_dtype
+    from layerscope.models.loading import resolve_device, resolve_dtype
 
     repo = Path(__file__).resolve().parents[2]
     schema = repo / "workflow" / "schemas" / "config.schema.yaml"

@@ -18,8 +18,8 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
 from layerscope.errors import ConfigError, ModelError
-from layerscope.architectures import check_capture
-from layerscope.models import Dims, ModelRef, dims_from_config, parse_ref, peek_config
+from layerscope.models.architectures import check_capture
+from layerscope.models.loading import Dims, ModelRef, dims_from_config, parse_ref, peek_config
 
 SITES = ("resid_post", "attn_out", "mlp_out", "mlp_act")
 

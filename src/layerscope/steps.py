@@ -38,7 +38,7 @@ def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
 
 def fetch_model(model: dict, hub_cache: str | None, weights_dir: str, manifest_out: str) -> dict:
     """Resolve the model (built-in, local directory or hub snapshot) and write its manifest."""
-    from layerscope.models import fetch, parse_ref
+    from layerscope.models.loading import fetch, parse_ref
 
     ref = parse_ref(model, os.getcwd())
     log.info("fetching model %s", ref.label)
@@ -52,7 +52,7 @@ def fetch_model(model: dict, hub_cache: str | None, weights_dir: str, manifest_o
 def fetch_adapter(adapter: dict | None, model_manifest: str, hub_cache: str | None, adapter_dir: str,
                   manifest_out: str) -> dict | None:
     """Resolve the adapter, if any, and write its manifest (``null`` without one)."""
-    from layerscope.models import fetch, parse_ref
+    from layerscope.models.loading import fetch, parse_ref
 
     a = None
     if adapter:
@@ -75,8 +75,8 @@ def load_manifest(model_manifest: str, adapter_manifest: str | None = None) -> d
 
 
 def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_code: bool = False) -> dict:
-    from layerscope.dataset import prepare
-    from layerscope.models import load_tokenizer
+    from layerscope.data.dataset import prepare
+    from layerscope.models.loading import load_tokenizer
 
     tok = load_tokenizer(load_manifest(manifest), trust_remote_code)
     return prepare(dataset["path"], tok, out_dir, fmt=dataset["format"], default_split=dataset["default_split"],
@@ -87,13 +87,13 @@ def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: d
             device: str, group: str, threads: int, boundary_in: str | None = None,
             boundary_out: str | None = None) -> dict:
     """One capture job; what it captures is read from its completion markers' paths."""
-    from layerscope.gpus import assign
+    from layerscope.capture.gpus import assign
 
     device = assign(device)  # before torch starts CUDA: a job on a multi-GPU machine gets a GPU of its own
     import torch
 
-    from layerscope.capture import run_capture
-    from layerscope.store import parse_marker
+    from layerscope.capture.run import run_capture
+    from layerscope.store.layout import parse_marker
 
     torch.set_num_threads(max(1, threads))
     captures = [parse_marker(m) for m in markers]
@@ -103,8 +103,8 @@ def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: d
 
 def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str) -> None:
     from layerscope import __version__
-    from layerscope.dataset import load_tokens
-    from layerscope.store import finalize
+    from layerscope.data.dataset import load_tokens
+    from layerscope.store.layout import finalize
 
     ids, offsets = load_tokens(dataset_dir)
     finalize(store, [tuple(a) for a in arrays], parts, ids, offsets, {"run": run, "version": __version__})
@@ -113,19 +113,19 @@ def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str) -> N
 
 def metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, metadata_out: str,
              run_config_out: str) -> None:
-    from layerscope.metadata import write_metadata
+    from layerscope.data.metadata import write_metadata
 
     write_metadata(config, load_manifest(manifest, adapter), examples, store, metadata_out, run_config_out)
 
 
 def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool = False) -> None:
-    from layerscope.summaries import summarize as _summarize
+    from layerscope.analysis.summaries import summarize as _summarize
 
     write_json(out, _summarize(run_dir, **dashboard, trust_remote_code=trust_remote_code), indent=None)
 
 
 def dashboard(summary: str, out: str) -> None:
-    from layerscope.dashboard import write_dashboard
+    from layerscope.web.dashboard import write_dashboard
 
     write_dashboard(read_json(summary), out)
     log.info("dashboard written to %s (%d bytes)", out, Path(out).stat().st_size)

@@ -5,10 +5,10 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 try:
-    from layerscope.chain import boundary_path
+    from layerscope.capture.chain import boundary_path
     from layerscope.config import build_plan
     from layerscope.errors import LayerScopeError
-    from layerscope.store import marker_path
+    from layerscope.store.layout import marker_path
 except ImportError as e:
     raise WorkflowError(
         f"the layerscope package is not importable ({e}); install it first: pip install -e ."

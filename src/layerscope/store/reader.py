@@ -23,7 +23,7 @@ import numpy as np
 
 from layerscope.errors import IncompleteRunError, LayerScopeError
 from layerscope.fileio import read_json
-from layerscope.shards import ShardMap
+from layerscope.store.shards import ShardMap
 
 STORE = "activations.zarr"
 
@@ -41,7 +41,7 @@ class PartMarkers:
     """
 
     def __init__(self, root: Path, apath: str, jobs: list[str], positions: str) -> None:
-        from layerscope.store import marker_path
+        from layerscope.store.layout import marker_path
 
         self.root, self.apath, self.jobs = Path(root), apath, list(jobs)
         layer, site = apath.split("/")
@@ -214,7 +214,7 @@ class Run:
                                              use_consolidated=True)
         except Exception as e:
             raise IncompleteRunError(f"{self.path / STORE}: store is missing or unfinished ({e})") from e
-        from layerscope.store import check_complete
+        from layerscope.store.layout import check_complete
 
         check_complete(self.path / STORE, dict(self.group.attrs))
         self._info = dict(self.group.attrs)["layerscope"]
@@ -249,7 +249,7 @@ class Run:
 
     @cached_property
     def examples(self) -> list[dict[str, Any]]:
-        from layerscope.dataset import load_examples
+        from layerscope.data.dataset import load_examples
 
         return load_examples(self.path / "dataset" / "examples.jsonl")
 
@@ -308,7 +308,7 @@ class Run:
 def _file_changes(directory: Path, recorded: list[dict[str, Any]]) -> list[str]:
     """How the files of ``directory`` differ from the manifest's entries, by path: size and mtime only,
     never a hash (models are large). Entries of older manifests have no mtime_ns; only sizes count there."""
-    from layerscope.models import _file_entries
+    from layerscope.models.loading import _file_entries
 
     if not directory.is_dir():
         return [f"directory {directory} is missing"]

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from layerscope.architectures import SPARSE_MOE_HINT
+from layerscope.models.architectures import SPARSE_MOE_HINT
 from layerscope.errors import ModelError
 
 ATTN_NAMES = ("self_attn", "attn", "self_attention", "attention")

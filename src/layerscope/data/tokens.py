@@ -41,7 +41,7 @@ def load_decoder(manifest: dict[str, Any], trust_remote_code: bool = False) -> A
                 return tok
         except Exception:  # noqa: BLE001 - anything unexpected: transformers decides, as before
             pass
-    from layerscope.models import load_tokenizer
+    from layerscope.models.loading import load_tokenizer
 
     return load_tokenizer(manifest, trust_remote_code)
 

@@ -23,7 +23,7 @@ import numpy as np
 from layerscope.errors import DataError
 from layerscope.fileio import atomic_write_bytes, atomic_write_text
 
-log = logging.getLogger("layerscope.dataset")
+log = logging.getLogger("layerscope.data.dataset")
 
 # Keys LayerScope adds to examples ("rendered" only to chat records); a data set may not use them for its own fields.
 GENERATED = ("index", "rendered", "n_tokens", "n_tokens_full", "truncated", "char_length", "source_line")

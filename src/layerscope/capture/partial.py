@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerscope import sites as S
+from layerscope.capture import sites as S
 from layerscope.errors import ModelError
-from layerscope.models import check_tokenizer_choice, load_model, resolve_dtype
+from layerscope.models.loading import check_tokenizer_choice, load_model, resolve_dtype
 
-log = logging.getLogger("layerscope.partial")
+log = logging.getLogger("layerscope.capture.partial")
 
 
 class PassThrough(nn.Module):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope import __version__
-from layerscope.dataset import load_examples
+from layerscope.data.dataset import load_examples
 from layerscope.fileio import write_json
 
 

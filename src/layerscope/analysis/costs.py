@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from layerscope.architectures import site_width
-from layerscope.chain import ST_DTYPES, part_examples
+from layerscope.models.architectures import site_width
+from layerscope.capture.chain import ST_DTYPES, part_examples
 from layerscope.config import Plan
-from layerscope.shards import ALIGN
-from layerscope.store import STORAGE_DTYPES, make_layout
+from layerscope.store.shards import ALIGN
+from layerscope.store.layout import STORAGE_DTYPES, make_layout
 
 COMPUTE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -30,7 +30,7 @@ def plan_offsets(plan: Plan, results: Path) -> np.ndarray:
         return np.load(prepared, allow_pickle=False)
     import tempfile
 
-    from layerscope.dataset import prepare
+    from layerscope.data.dataset import prepare
 
     ds = plan.config["dataset"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,11 +42,11 @@ def plan_offsets(plan: Plan, results: Path) -> np.ndarray:
 
 def plan_tokenizer(plan: Plan):
     """The model's tokenizer without fetching its weights (a built-in model's is trained here)."""
-    from layerscope.models import load_tokenizer
+    from layerscope.models.loading import load_tokenizer
 
     ref = plan.model
     if ref.kind == "builtin":
-        from layerscope.builtin import spec_for, train_tokenizer
+        from layerscope.models.builtin import spec_for, train_tokenizer
 
         return train_tokenizer(spec_for(ref.name)["vocab_size"])
     if ref.kind == "local":
@@ -54,7 +54,7 @@ def plan_tokenizer(plan: Plan):
     else:
         from huggingface_hub import snapshot_download
 
-        from layerscope.models import hub_cache_dir
+        from layerscope.models.loading import hub_cache_dir
 
         path = snapshot_download(ref.name, revision=ref.revision, cache_dir=hub_cache_dir(plan.config["hub_cache"]),
                                  allow_patterns=["*.json", "*.txt", "*.model", "*.jinja", "tokenizer*"])
@@ -66,12 +66,12 @@ def block_weight_bytes(plan: Plan, compute_bytes: int) -> dict[str, int]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from layerscope import sites as S
-    from layerscope.models import peek_config
-    from layerscope.partial import _skipped_modules
+    from layerscope.capture import sites as S
+    from layerscope.models.loading import peek_config
+    from layerscope.capture.partial import _skipped_modules
 
     if plan.model.kind == "builtin":
-        from layerscope.builtin import hf_config_dict
+        from layerscope.models.builtin import hf_config_dict
 
         raw = hf_config_dict(plan.model.name)
     else:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("layerscope.gpus")
+log = logging.getLogger("layerscope.capture.gpus")
 
 _held: list[int] = []  # lock file descriptors this process keeps open (and so keeps claimed)
 

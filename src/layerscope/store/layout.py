@@ -31,7 +31,7 @@ import numpy as np
 from layerscope.errors import IncompleteRunError
 from layerscope.fileio import atomic_write_bytes, read_json, write_json
 
-log = logging.getLogger("layerscope.store")
+log = logging.getLogger("layerscope.store.layout")
 
 MIB = 1 << 20
 BF16_NAN = 0x7FC0

@@ -22,19 +22,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from layerscope import sites as S
-from layerscope.chain import Boundary, BoundaryWriter, part_examples
-from layerscope.architectures import site_width
+from layerscope.capture import sites as S
+from layerscope.capture.chain import Boundary, BoundaryWriter, part_examples
+from layerscope.models.architectures import site_width
 from layerscope.config import Block, dumps_stable
-from layerscope.dataset import load_tokens
+from layerscope.data.dataset import load_tokens
 from layerscope.errors import ModelError
-from layerscope.models import resolve_device, resolve_dtype
-from layerscope.partial import load_block, weight_bytes
-from layerscope.shards import ShardFile, aligned_empty, chunk_encoder, direct_io_supported
-from layerscope.store import (STORAGE_DTYPES, Layout, array_metadata, make_layout, prepare_array, write_marker)
-from layerscope.writer import ShardWriter
+from layerscope.models.loading import resolve_device, resolve_dtype
+from layerscope.capture.partial import load_block, weight_bytes
+from layerscope.store.shards import ShardFile, aligned_empty, chunk_encoder, direct_io_supported
+from layerscope.store.layout import (STORAGE_DTYPES, Layout, array_metadata, make_layout, prepare_array, write_marker)
+from layerscope.store.writer import ShardWriter
 
-log = logging.getLogger("layerscope.capture")
+log = logging.getLogger("layerscope.capture.run")
 
 WRITER_THREADS = 4
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -23,7 +23,7 @@ import numpy as np
 
 from layerscope.errors import IncompleteRunError
 from layerscope.fileio import PendingFile
-from layerscope.store import STORAGE_DTYPES, make_layout
+from layerscope.store.layout import STORAGE_DTYPES, make_layout
 
 FORMAT = "layerscope-boundary-1"
 # safetensors dtype names, and the numpy dtype that holds each one's bytes (bfloat16 as raw bits).

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from layerscope.reader import Run
+from layerscope.store.reader import Run
 
-log = logging.getLogger("layerscope.summaries")
+log = logging.getLogger("layerscope.analysis.summaries")
 
 
 def _finite(x: float) -> float | None:
@@ -227,9 +227,9 @@ def neuron_entries(run: Run, acts, extremes: tuple[np.ndarray, ...], neurons_per
 
 def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int = 8, neurons_per_layer: int = 64,
               heatmap_examples: int = 20, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Build the dashboard's summary dict (see layerscope.dashboard for its shape)."""
+    """Build the dashboard's summary dict (see layerscope.web.dashboard for its shape)."""
     from layerscope.fileio import read_json
-    from layerscope.tokens import TokenTexts, load_decoder
+    from layerscope.data.tokens import TokenTexts, load_decoder
 
     run = Run(run_dir)
     md = run.metadata

@@ -17,7 +17,7 @@ from typing import Any
 from layerscope.errors import ModelError
 from layerscope.fileio import sha256_file
 
-log = logging.getLogger("layerscope.models")
+log = logging.getLogger("layerscope.models.loading")
 
 # What a snapshot download may fetch: configs, tokenizers and safetensors weights, never pickles.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
@@ -59,8 +59,7 @@ def hub_cache_dir(hub_cache: str | None) -> str | None:
 def peek_config(ref: ModelRef, hub_cache: str | None = None, allow_download: bool = True) -> dict[str, Any] | None:
     """The model's config.json as a dict, if it can be had without downloading weights; else None."""
     if ref.kind == "builtin":
-        from layerscope import builtin
-
+        from layerscope.models import builtin
         return builtin.config_facts(ref.name)
     if ref.kind == "local":
         f = Path(ref.name) / "config.json"
@@ -176,8 +175,7 @@ def fetch(ref: ModelRef, dest: str | os.PathLike, hub_cache: str | None = None, 
     dest = Path(dest)
     revision = None
     if ref.kind == "builtin":
-        from layerscope import builtin
-
+        from layerscope.models import builtin
         if dest.exists():
             shutil.rmtree(dest)
         if what == "adapter":

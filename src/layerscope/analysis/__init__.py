@@ -1,0 +1,1 @@
+"""Analysis over a finished store: summaries and run cost estimates."""

@@ -1,0 +1,1 @@
+"""Data sets: reading records, tokenizing, per-example metadata."""

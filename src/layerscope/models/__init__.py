@@ -1,0 +1,1 @@
+"""Models: loading (hub, local dirs, built-in test models) and architecture facts."""

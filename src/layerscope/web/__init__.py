@@ -1,0 +1,1 @@
+"""Web output: the self-contained dashboard page."""
