@@ -27,11 +27,15 @@ class PendingFile:
     """A file written under a temporary name beside its target and renamed into place when complete
     (``commit``), so a reader sees it whole or not at all; ``abort`` removes the temporary file."""
 
-    def __init__(self, path: str | os.PathLike, flags: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike, flags: int = 0, tmp: str | os.PathLike | None = None) -> None:
+        """``tmp``: a fixed temporary path (on the same file system) whose contents are kept, so a
+        later attempt can go on writing where a killed one stopped; ``abort`` then keeps it too."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
+        self.keep = tmp is not None
+        self.tmp = Path(tmp) if tmp is not None else self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | (0 if self.keep else os.O_TRUNC) | flags, 0o644)
 
     def commit(self) -> None:
         os.close(self.fd)
@@ -39,11 +43,12 @@ class PendingFile:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        """Drop the temporary file (a no-op once the file was moved into place)."""
+        """Drop the temporary file (a no-op once the file was moved into place, or for a resumable one)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.tmp.unlink(missing_ok=True)
+        if not self.keep:
+            self.tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

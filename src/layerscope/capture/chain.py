@@ -79,17 +79,29 @@ def _header(n_tokens: int, hidden: int, dtype: str, meta: dict[str, Any]) -> byt
     return struct.pack("<Q", len(text)) + text
 
 
+def _starts_with(path: Path, head: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(head)) == head
+
+
 class BoundaryWriter(PendingFile):
     """Streams the residual stream of a part's examples into a boundary file, rows at their token offset."""
 
-    def __init__(self, path: str | os.PathLike, n_tokens: int, hidden: int, dtype: str, meta: dict[str, Any]) -> None:
-        super().__init__(path)
+    def __init__(self, path: str | os.PathLike, n_tokens: int, hidden: int, dtype: str, meta: dict[str, Any],
+                 partial: str | os.PathLike | None = None) -> None:
+        """``partial``: where to write it until complete, keeping the rows a killed attempt wrote there
+        (``self.resumed`` says whether it did; a file of another shape or header starts over)."""
+        super().__init__(path, tmp=partial)
         self.hidden, self.dtype = hidden, dtype
         self.itemsize = np.dtype(ST_DTYPES[dtype][1]).itemsize
         header = _header(n_tokens, hidden, dtype, meta)
         self.base = len(header)
-        os.write(self.fd, header)
-        os.ftruncate(self.fd, self.base + n_tokens * hidden * self.itemsize)
+        size = self.base + n_tokens * hidden * self.itemsize
+        self.resumed = partial is not None and os.fstat(self.fd).st_size == size and _starts_with(self.tmp, header)
+        if not self.resumed:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, header, 0)
+            os.ftruncate(self.fd, size)
 
     def write(self, t0: int, rows) -> None:
         """Write ``rows`` (a CPU tensor [n, hidden] in the boundary dtype) at token ``t0`` of the part."""

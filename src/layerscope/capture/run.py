@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from layerscope.capture import sites as S
 from layerscope.capture.chain import Boundary, BoundaryWriter, part_examples
+from layerscope.capture.journal import Journal, progress_dir
 from layerscope.models.architectures import site_width
 from layerscope.config import Block, dumps_stable
 from layerscope.data.dataset import load_tokens
 from layerscope.errors import ModelError
 from layerscope.models.loading import resolve_device, resolve_dtype
 from layerscope.capture.partial import load_block, weight_bytes
-from layerscope.store.shards import ShardFile, aligned_empty, chunk_encoder, direct_io_supported
+from layerscope.store.shards import ShardFile, aligned_empty, chunk_encoder, direct_io_supported, shard_key
 from layerscope.store.layout import (STORAGE_DTYPES, Layout, array_metadata, make_layout, prepare_array, write_marker)
 from layerscope.store.writer import ShardWriter
 
@@ -52,6 +53,16 @@ class ArrayJob:
     r1: int
     array_dir: Path | None = None
     written: list[int] = field(default_factory=list)
+    start: int = -1  # the first row still to write (past r0 where a killed attempt finished shards)
+    kept: dict[int, dict[str, int]] = field(default_factory=dict)  # finished shards -> their value counts
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.r0
+
+    @property
+    def name(self) -> str:
+        return f"layer_{self.layer:02d}/{self.site}/{self.positions}"
 
 
 class BufferPool:
@@ -91,8 +102,9 @@ class Router:
     forward pass never waits on the disk, and memory holds about one chunk per array."""
 
     def __init__(self, job: ArrayJob, pool: BufferPool, writer: ShardWriter, encode, direct: bool = False,
-                 lane: int = 0) -> None:
+                 lane: int = 0, journal: Journal | None = None) -> None:
         self.j, self.pool, self.writer, self.encode, self.direct, self.lane = job, pool, writer, encode, direct, lane
+        self.journal = journal
         self.cuda = pool.pin
         self.buf: torch.Tensor | None = None
         self.chunk = -1
@@ -100,8 +112,10 @@ class Router:
         self.opened: list[ShardFile] = []  # to remove their temporary files if the job fails
         # Values stored as NaN/inf, and infinities where the storage dtype's range is narrower than
         # float32's (float16 overflows silently). Only this array's writer lane updates them.
-        self.nonfinite = self.clipped = 0
+        self.nonfinite = sum(c["nonfinite"] for c in job.kept.values())
+        self.clipped = sum(c["clipped"] for c in job.kept.values())
         self.narrow = pool.dtype == torch.float16
+        self._at_close = self.counts()
 
     def _flush_chunk(self, filled: int) -> None:
         j, buf, sf, pool = self.j, self.buf, self.shard_file, self.pool
@@ -128,15 +142,23 @@ class Router:
         chunk_end = (self.chunk + 1) * lay.chunk_rows
         shard = self.chunk * lay.chunk_rows // lay.shard_rows
         if chunk_end % lay.shard_rows == 0 or min(chunk_end, lay.rows) >= j.r1:
-            self.writer.submit(sf.close, self.lane)
+            self.writer.submit(lambda: self._close(sf, shard), self.lane)
             j.written.append(shard)
             self.shard_file = None
+
+    def _close(self, sf: ShardFile, shard: int) -> None:
+        # On the array's writer lane, after all of the shard's chunks: the counts are the shard's own.
+        sf.close()
+        now = self.counts()
+        if self.journal is not None:
+            self.journal.shard_done(self.j.name, shard, {k: now[k] - self._at_close[k] for k in now})
+        self._at_close = now
 
     def add(self, g0: int, rows: torch.Tensor) -> None:
         """``rows`` hold global rows [g0, g0 + len(rows)); keep the ones in this job's range."""
         j = self.j
         lay = j.layout
-        lo, hi = max(g0, j.r0), min(g0 + len(rows), j.r1)
+        lo, hi = max(g0, j.start), min(g0 + len(rows), j.r1)
         cr = lay.chunk_rows
         while lo < hi:
             chunk = lo // cr
@@ -181,6 +203,32 @@ def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], di
     return jobs
 
 
+def resume_arrays(jobs: list[ArrayJob], journal: Journal, root: Path, part: int) -> None:
+    """Keep the shards a killed attempt finished: the leading run of each array's part whose files are in place."""
+    for j in jobs:
+        done = journal.shards.get(j.name, {})
+        for s in j.layout.shard_range(part):
+            if s not in done or not shard_key(root / f"layer_{j.layer:02d}" / j.site, s).is_file():
+                break
+            j.kept[s] = done[s]
+            j.start = min(j.r1, (s + 1) * j.layout.shard_rows)
+        j.written = sorted(j.kept)
+
+
+def first_batch(todo: list[tuple[int, int, int]], jobs: list[ArrayJob], offsets: np.ndarray,
+                boundary_batches: int | None) -> int:
+    """The first batch that an unfinished shard or boundary still needs (``len(todo)``: none).
+
+    Batches keep the uninterrupted run's composition, so the recomputed rows are the same bytes.
+    """
+    k = len(todo) if boundary_batches is None else boundary_batches
+    for j in jobs:
+        if j.start < j.r1:
+            e = j.start if j.positions == "last" else int(np.searchsorted(offsets, j.start, side="right")) - 1
+            k = min(k, next(i for i, (_, _, b1) in enumerate(todo) if b1 > e))
+    return k
+
+
 def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_root: str | os.PathLike,
                 params: dict[str, Any], part: int, captures: list[tuple[int, str, str]], device: str = "auto",
                 boundary_in: str | os.PathLike | None = None, boundary_out: str | os.PathLike | None = None,
@@ -201,19 +249,25 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     root = Path(store_root)
     jobs = plan_arrays(captures, params, m, n_ex, n_tok, part)
+    spans = part_examples(offsets, m["hidden_size"], m["intermediate_size"], params["dtype"], params["parts"],
+                          params["store"], part)
+    chain = Chain(manifest, params, offsets, spans, boundary_in, boundary_out)
+    journal = Journal(progress_dir(root), f"{group or 'capture'}_part{part}",
+                      progress_key(manifest, params, part, jobs, spans, boundary_in, boundary_out))
+    if journal.load():
+        resume_arrays(jobs, journal, root, part)
     for j in jobs:
         dims = ("example" if j.positions == "last" else "token", "neuron" if j.site == "mlp_act" else "hidden")
         attrs = {"layer": j.layer, "site": j.site, "positions": j.positions, "parts": params["parts"]}
         prepare_array(root, j.layer, j.site, part, j.layout, array_metadata(j.layout, params["dtype"],
-                                                                            params["store"], attrs, dims))
-    spans = part_examples(offsets, m["hidden_size"], m["intermediate_size"], params["dtype"], params["parts"],
-                          params["store"], part)
+                                                                            params["store"], attrs, dims),
+                      keep=set(j.kept))
     log.info("job %s part %d: layers %d..%d, %d arrays, examples %s of %d, boundary in %s, out %s", group, part,
              start, end, len(jobs), " ".join(f"[{a}, {b})" for a, b in spans) or "none", n_ex,
              boundary_in or "(embeddings)", boundary_out or "(none)")
-    chain = Chain(manifest, params, offsets, spans, boundary_in, boundary_out)
     stats: dict[str, Any] = {"examples": [list(sp) for sp in spans], "tokens": chain.tokens}
-    _capture_examples(manifest, params, device, jobs, token_ids, offsets, root, part, group, chain, loaded)
+    stats["resumed"] = _capture_examples(manifest, params, device, jobs, token_ids, offsets, root, part, group,
+                                         chain, journal, loaded)
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["weight_mib"] = round(chain.weight_bytes / 2**20, 1)
@@ -226,10 +280,23 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
                         "; capture.dtype: bfloat16 keeps float32's range" if counts["clipped"] else "")
         write_marker(root, j.layer, j.site, part, j.positions, {"rows": [j.r0, j.r1], "shards": j.written, **stats,
                                                                   **counts, "seconds": round(elapsed, 3)})
+    journal.remove()
     log.info("job %s part %d done in %.1f s (%d tokens, %.0f tokens/s, weights %.1f MiB, peak RSS %.0f MiB)", group,
              part, elapsed, stats["tokens"], stats["tokens"] / max(elapsed, 1e-9), stats["weight_mib"],
              stats["peak_rss_mib"])
     return stats
+
+
+def progress_key(manifest: dict[str, Any], params: dict[str, Any], part: int, jobs: list[ArrayJob],
+                 spans: list[tuple[int, int]], boundary_in, boundary_out) -> dict[str, Any]:
+    """What a killed attempt's progress must match to be kept: the job, its arrays, and its input boundary."""
+    src = None
+    if boundary_in:
+        st = os.stat(boundary_in)
+        src = [st.st_size, st.st_mtime_ns]
+    return {"block": list(params["block"]), "part": part, "fingerprint": fingerprint(manifest, params),
+            "arrays": [[j.name, j.r0, j.r1, j.layout.chunk_rows, j.layout.shard_rows] for j in jobs],
+            "spans": [list(sp) for sp in spans], "boundary_in": src, "boundary_out": bool(boundary_out)}
 
 
 class Chain:
@@ -279,7 +346,8 @@ def _batch(token_ids: np.ndarray, offsets: np.ndarray, b0: int, b1: int, pad_id:
 
 
 def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: Path, part, group, chain: Chain,
-                      loaded=None) -> None:
+                      journal: Journal, loaded=None) -> dict[str, int] | None:
+    """Run the batches; returns what a resumed attempt kept (None when it started afresh)."""
     dev = resolve_device(device)
     m = manifest["model"]
     tdtype = resolve_dtype(params["model_dtype"], dev)
@@ -288,7 +356,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
         if chain.output_path:
             BoundaryWriter(chain.output_path, 0, m["hidden_size"], dtype_name, {"layer": chain.end + 1,
                                                                                  **chain.key}).close()
-        return
+        return None
     stop = Block(chain.start, chain.end, tuple(j.layer for j in jobs), chain.input is not None,
                  bool(chain.output_path)).stop
     if loaded is not None:
@@ -337,11 +405,11 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
 
     for i, j in enumerate(jobs):
         j.array_dir = root / f"layer_{j.layer:02d}" / j.site
-        routers.append(Router(j, pool, writer, encode, direct, lane=i))
+        routers.append(Router(j, pool, writer, encode, direct, lane=i, journal=journal))
         handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, i=i: route(i, x)))
     if chain.output_path:
         chain.output = BoundaryWriter(chain.output_path, chain.tokens, m["hidden_size"],
-                                      dtype_name, {"layer": chain.end + 1, **chain.key})
+                                      dtype_name, {"layer": chain.end + 1, **chain.key}, partial=journal.boundary)
         handles.append(layer_mods[chain.end].register_forward_hook(lambda mod, a, o: hand_on(o)))
     if chain.input is not None:
         handles.append(layer_mods[chain.start].register_forward_pre_hook(take_over, with_kwargs=True))
@@ -349,11 +417,20 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
     handles.append(S.attach_stop(layer_mods[stop]))
     bs = params["batch_size"]
     left = params["padding_side"] == "left"
+    todo = [(sa, b0, min(b0 + bs, sb)) for sa, sb in chain.spans for b0 in range(sa, sb, bs)]
+    written = journal.batches if chain.output is not None and chain.output.resumed else 0
+    k0 = first_batch(todo, jobs, offsets, written if chain.output is not None else None)
+    kept = sum(len(j.kept) for j in jobs)
+    resumed = {"kept_shards": kept, "skipped_batches": k0, "batches": len(todo)} if kept or k0 else None
+    if resumed:
+        log.info("resuming: %d finished shards kept, %d of %d batches skipped", kept, k0, len(todo))
+    journal.start(resumed=bool(resumed), batches=written)
     ok = False
     try:
         with torch.inference_mode():
-            todo = [(sa, b0, min(b0 + bs, sb)) for sa, sb in chain.spans for b0 in range(sa, sb, bs)]
-            for sa, b0, b1 in tqdm(todo, desc=f"capture {group} part {part}", unit="batch", mininterval=1.0):
+            for k in tqdm(range(k0, len(todo)), desc=f"capture {group} part {part}", unit="batch", mininterval=1.0,
+                          initial=k0, total=len(todo)):
+                sa, b0, b1 = todo[k]
                 ids, mask, lens = _batch(token_ids, offsets, b0, b1, pad_id, left)
                 mask_t = torch.from_numpy(mask).to(dev, non_blocking=True)
                 pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
@@ -376,6 +453,8 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
                     model(**inputs, attention_mask=mask_t, position_ids=pos_t, use_cache=False)
                 except S.StopForward:
                     pass
+                if chain.output is not None:
+                    journal.batches_done(k + 1)
         for r in routers:
             r.done()
         ok = True
@@ -393,5 +472,7 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
                     r.abort()
                 if chain.output is not None:
                     chain.output.abort()
+                journal.close()
     if chain.output is not None:
         chain.output.close()
+    return resumed

@@ -126,8 +126,10 @@ def group_metadata(attrs: dict[str, Any] | None = None) -> bytes:
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs or {}}, indent=2).encode()
 
 
-def prepare_array(root: Path, layer: int, site: str, part: int, layout: Layout, meta: bytes) -> None:
-    """Write the array's metadata and remove this part's old shards (and, for the last part, any beyond the end)."""
+def prepare_array(root: Path, layer: int, site: str, part: int, layout: Layout, meta: bytes,
+                  keep: set[int] = frozenset()) -> None:
+    """Write the array's metadata and remove this part's old shards except ``keep`` (and, for the
+    last part, any beyond the end)."""
     apath = root / array_path(layer, site)
     # The part's marker goes first: a reader that opened the run before this re-run then refuses
     # the array instead of reading shards that are about to change.
@@ -140,7 +142,8 @@ def prepare_array(root: Path, layer: int, site: str, part: int, layout: Layout, 
         mine = set(layout.shard_range(part))
         last = part == layout.parts - 1
         for d in cdir.iterdir():
-            if d.name.isdigit() and (int(d.name) in mine or (last and int(d.name) >= layout.num_shards)):
+            if d.name.isdigit() and int(d.name) not in keep and (int(d.name) in mine or
+                                                                 (last and int(d.name) >= layout.num_shards)):
                 shutil.rmtree(d, ignore_errors=True)
 
 

@@ -1,0 +1,155 @@
+"""Resume inside a capture job: a killed job's re-run keeps every finished shard and gives the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from layerscope.capture.chain import boundary_path
+from layerscope.capture.journal import progress_dir
+from layerscope.capture.run import run_capture
+from layerscope.data.dataset import load_tokens
+from layerscope.store.layout import finalize
+from tests.conftest import REPO
+from tests.helpers import make_params, prepare_texts
+
+# Enough examples of mixed length, and shards small enough, that a job writes many shards.
+TEXTS = [" ".join(f"word{(i * 7 + k) % 13}" for k in range(3 + (i * 5) % 17)) for i in range(90)]
+LAYERS = {0: {"sites": ["resid_post", "mlp_act"], "positions": "all"}, 1: {"sites": ["resid_post"], "positions": "last"},
+          3: {"sites": ["resid_post"], "positions": "all"}}
+BLOCKS = [(0, 1), (2, 3)]  # block 0 hands block 1 the stream entering layer 2
+
+
+def job_args(tmp: Path, manifest: dict, params: dict, dataset: Path, name: str, block: tuple[int, int]) -> dict:
+    start, end = block
+    chain = tmp / f"{name}-chain"
+    return {"manifest": manifest, "dataset_dir": str(dataset), "store_root": str(tmp / f"{name}.zarr"),
+            "params": {k: v for k, v in params.items() if k != "layers"} | {"block": [start, end]}, "part": 0,
+            "captures": [(L, s, v["positions"]) for L, v in LAYERS.items() if start <= L <= end for s in v["sites"]],
+            "device": "cpu", "group": f"L{start}",
+            "boundary_in": str(boundary_path(chain, start, 0)) if start else None,
+            "boundary_out": str(boundary_path(chain, end + 1, 0)) if end < 3 else None}
+
+
+def finish(tmp: Path, name: str, dataset: Path) -> Path:
+    ids, offsets = load_tokens(dataset)
+    root = tmp / f"{name}.zarr"
+    finalize(root, [(L, s, v["positions"]) for L, v in LAYERS.items() for s in v["sites"]], 1, ids, offsets,
+             {"run": "test"})
+    return root
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file of a store, but not the job ids (new for every job) of the markers and the root metadata."""
+    out = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+           if p.is_file() and "parts" not in p.parts}
+    meta = json.loads(out.pop("zarr.json"))
+    del meta["attributes"]["layerscope"]["jobs"]
+    return out | {"zarr.json": json.dumps(meta).encode()}
+
+
+def kill_after(args: dict, shards: int, timeout: float = 120) -> int:
+    """Start the job in a child process, SIGKILL it once its journal lists ``shards`` finished shards
+    (0: as soon as it has a journal); returns how many it had listed when it died."""
+    spec = Path(args["store_root"]).with_name("job.json")
+    spec.write_text(json.dumps(args))
+    code = ("import json, sys; from layerscope.capture.run import run_capture; "
+            "run_capture(**json.load(open(sys.argv[1])))")
+    journal = progress_dir(args["store_root"]) / f"{args['group']}_part0.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(spec)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if journal.is_file() and journal.read_text().count('"shard"') >= shards:
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the job ended (exit {proc.returncode}) before it wrote {shards} shards")
+            time.sleep(0.002)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    return journal.read_text().count('"shard"')
+
+
+@pytest.fixture(scope="module")
+def setup(model_factory, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    model = model_factory("llama-tiny")
+    dataset = prepare_texts(tmp, model, TEXTS)
+    params = make_params(LAYERS, batch_size=2, parts=1, chunk_mib=0.004, shard_mib=0.008)
+    manifest = {"model": model}
+    for block in BLOCKS:
+        run_capture(**job_args(tmp, manifest, params, dataset, "whole", block))
+    ref = finish(tmp, "whole", dataset)
+    return tmp, manifest, params, dataset, files(ref), boundary_path(tmp / "whole-chain", 2, 0).read_bytes()
+
+
+@pytest.mark.parametrize("when", ["start", "one", "many"])
+def test_killed_job_resumes_byte_for_byte(setup, when):
+    tmp, manifest, params, dataset, ref_files, ref_boundary = setup
+    total = sum(1 for k in ref_files if "/c/" in k and k.startswith(("layer_00", "layer_01")))
+    name = f"killed-{when}"
+    args = job_args(tmp, manifest, params, dataset, name, BLOCKS[0])
+    listed = kill_after(args, {"start": 0, "one": 1, "many": total // 2}[when])
+    out = Path(args["boundary_out"])
+    assert not out.exists(), "a killed job left a boundary that looks finished"
+    stats = run_capture(**args)
+    if when == "start":
+        assert stats["resumed"] is None or stats["resumed"]["kept_shards"] >= 0
+    else:
+        # every shard the journal listed is kept, and only the batches some unfinished row needs re-run
+        assert stats["resumed"]["kept_shards"] >= listed >= 1
+        assert stats["resumed"]["batches"] == len(range(0, len(TEXTS), 2))
+        if when == "many":
+            assert stats["resumed"]["skipped_batches"] > 0
+    assert out.read_bytes() == ref_boundary
+    assert not progress_dir(args["store_root"]).exists()  # the journal goes once the job is done
+    run_capture(**job_args(tmp, manifest, params, dataset, name, BLOCKS[1]))
+    assert files(finish(tmp, name, dataset)) == ref_files
+
+
+def test_job_reading_a_boundary_resumes(setup):
+    tmp, manifest, params, dataset, ref_files, _ = setup
+    name = "killed-top"
+    run_capture(**job_args(tmp, manifest, params, dataset, name, BLOCKS[0]))
+    args = job_args(tmp, manifest, params, dataset, name, BLOCKS[1])
+    listed = kill_after(args, 3)
+    stats = run_capture(**args)
+    assert stats["resumed"]["kept_shards"] >= listed >= 3
+    assert files(finish(tmp, name, dataset)) == ref_files
+
+
+def test_progress_of_another_configuration_is_not_kept(setup):
+    tmp, manifest, params, dataset, ref_files, ref_boundary = setup
+    name = "other"
+    other = json.loads(json.dumps(params)) | {"batch_size": 3}  # other batches: other padding, other bytes
+    kill_after(job_args(tmp, manifest, other, dataset, name, BLOCKS[0]), 4)
+    args = job_args(tmp, manifest, params, dataset, name, BLOCKS[0])
+    assert run_capture(**args)["resumed"] is None
+    assert Path(args["boundary_out"]).read_bytes() == ref_boundary
+    run_capture(**job_args(tmp, manifest, params, dataset, name, BLOCKS[1]))
+    assert files(finish(tmp, name, dataset)) == ref_files
+
+
+def test_missing_kept_shard_is_recomputed(setup):
+    tmp, manifest, params, dataset, ref_files, _ = setup
+    name = "lost"
+    args = job_args(tmp, manifest, params, dataset, name, BLOCKS[0])
+    kill_after(args, 6)
+    lost = Path(args["store_root"]) / "layer_00" / "resid_post" / "c" / "1" / "0"
+    assert lost.is_file()
+    lost.unlink()  # e.g. removed by hand: the journal alone does not make a shard finished
+    stats = run_capture(**args)
+    assert stats["resumed"] is None or stats["resumed"]["skipped_batches"] == 0
+    run_capture(**job_args(tmp, manifest, params, dataset, name, BLOCKS[1]))
+    assert files(finish(tmp, name, dataset)) == ref_files
