@@ -153,3 +153,46 @@ def test_missing_kept_shard_is_recomputed(setup):
     assert stats["resumed"] is None or stats["resumed"]["skipped_batches"] == 0
     run_capture(**job_args(tmp, manifest, params, dataset, name, BLOCKS[1]))
     assert files(finish(tmp, name, dataset)) == ref_files
+
+
+def test_workflow_reruns_a_killed_capture_job_from_its_progress(tmp_path):
+    """Through Snakemake: kill the capture job (not snakemake), run again; the job resumes and the
+    store equals an uninterrupted run's."""
+    import yaml
+
+    from tests.conftest import copy_inputs, run_snakemake, write_jsonl
+
+    def workdir(name: str) -> Path:
+        wd = copy_inputs(tmp_path / name)
+        write_jsonl(wd / "config" / "many.jsonl", [{"text": t} for t in TEXTS])
+        cfg = yaml.safe_load((wd / "config" / "config.yaml").read_text())
+        cfg["dataset"]["path"] = "config/many.jsonl"
+        cfg["capture"] |= {"sites": ["resid_post"], "dtype": "float32", "layers_per_job": 4, "parts": 1,
+                           "batch_size": 2}
+        cfg["store"] = {"chunk_mib": 0.004, "shard_mib": 0.008}
+        (wd / "config" / "run.yaml").write_text(yaml.safe_dump(cfg))
+        return wd
+
+    ref = workdir("whole")
+    res = run_snakemake(ref, "--cores", "1", str(Path("results/demo/activations.zarr/zarr.json")),
+                        configfile=ref / "config" / "run.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    wd = workdir("killed")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(wd),
+           "--configfile", str(wd / "config" / "run.yaml"), "--cores", "1", "results/demo/activations.zarr/zarr.json"]
+    journal = wd / "results" / "demo" / "activations.progress" / "L00-03_part0.jsonl"
+    snake = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and snake.poll() is None:
+        if journal.is_file() and journal.read_text().count('"shard"') >= 10:
+            os.kill(json.loads(journal.read_text().splitlines()[0])["pid"], signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert snake.wait(timeout=120) != 0, "the capture job finished before it could be killed"
+    assert journal.is_file()  # Snakemake removed the job's outputs, not its progress
+    res = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming:" in (wd / "logs" / "demo" / "capture" / "L00-03_part0.log").read_text()
+    assert not journal.exists()
+    assert files(wd / "results" / "demo" / "activations.zarr") == files(ref / "results" / "demo" / "activations.zarr")
