@@ -196,3 +196,17 @@ def test_workflow_reruns_a_killed_capture_job_from_its_progress(tmp_path):
     assert "resuming:" in (wd / "logs" / "demo" / "capture" / "L00-03_part0.log").read_text()
     assert not journal.exists()
     assert files(wd / "results" / "demo" / "activations.zarr") == files(ref / "results" / "demo" / "activations.zarr")
+
+
+def test_padding_share_is_the_hand_count(setup):
+    from layerscope.capture.run import padding
+
+    tmp, manifest, params, dataset, *_ = setup
+    _, offsets = load_tokens(dataset)
+    lens = [int(n) for n in (offsets[1:] - offsets[:-1])]
+    todo = [(0, b0, min(b0 + 2, len(lens))) for b0 in range(0, len(lens), 2)]
+    slots = sum(max(lens[b0:b1]) * (b1 - b0) for _, b0, b1 in todo)
+    by_length = sorted(lens, reverse=True)
+    best = sum(max(by_length[i:i + 2]) * len(by_length[i:i + 2]) for i in range(0, len(lens), 2))
+    assert padding(todo, offsets, 2) == pytest.approx((1 - sum(lens) / slots, 1 - sum(lens) / best))
+    assert padding(todo, offsets, 2)[0] > padding(todo, offsets, 2)[1] > 0

@@ -271,6 +271,7 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["weight_mib"] = round(chain.weight_bytes / 2**20, 1)
+    stats["padding"] = chain.padding
     for i, j in enumerate(jobs):
         # a part without examples made no routers: nothing was stored, nothing to count
         counts = chain.routers[i].counts() if chain.routers else {"nonfinite": 0, "clipped": 0}
@@ -285,6 +286,19 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
              part, elapsed, stats["tokens"], stats["tokens"] / max(elapsed, 1e-9), stats["weight_mib"],
              stats["peak_rss_mib"])
     return stats
+
+
+def padding(todo: list[tuple[int, int, int]], offsets: np.ndarray, bs: int) -> tuple[float, float]:
+    """The share of batch positions that are padding: in data set order (what the job runs), and
+    if the part's examples were batched by length instead (what sorting would save)."""
+    lens = np.diff(offsets)
+    real = sum(int(lens[b0:b1].sum()) for _, b0, b1 in todo)
+    if not real:
+        return 0.0, 0.0
+    padded = sum(int(lens[b0:b1].max()) * (b1 - b0) for _, b0, b1 in todo)
+    ordered = np.sort(np.concatenate([lens[b0:b1] for _, b0, b1 in todo]))[::-1]
+    best = sum(int(ordered[i]) * len(ordered[i:i + bs]) for i in range(0, len(ordered), bs))
+    return 1 - real / padded, 1 - real / best
 
 
 def progress_key(manifest: dict[str, Any], params: dict[str, Any], part: int, jobs: list[ArrayJob],
@@ -323,6 +337,7 @@ class Chain:
         self.output: BoundaryWriter | None = None
         self.routers: list[Router] = []
         self.weight_bytes = 0
+        self.padding = 0.0
 
 
 def fingerprint(manifest: dict[str, Any], params: dict[str, Any]) -> str:
@@ -422,6 +437,9 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
     k0 = first_batch(todo, jobs, offsets, written if chain.output is not None else None)
     kept = sum(len(j.kept) for j in jobs)
     resumed = {"kept_shards": kept, "skipped_batches": k0, "batches": len(todo)} if kept or k0 else None
+    waste, sorted_waste = padding(todo, offsets, bs)
+    chain.padding = round(waste, 4)
+    log.info("padding: %.1f%% of batch positions (%.1f%% if batched by length)", 100 * waste, 100 * sorted_waste)
     if resumed:
         log.info("resuming: %d finished shards kept, %d of %d batches skipped", kept, k0, len(todo))
     journal.start(resumed=bool(resumed), batches=written)
