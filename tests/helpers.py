@@ -25,8 +25,10 @@ TEXTS = [
 
 
 def make_params(layers: dict[int, dict[str, Any]], dtype: str = "float32", batch_size: int = 3, parts: int = 2,
-                padding_side: str = "right", chunk_mib: float = 2, shard_mib: float = 64, **store: Any) -> dict:
+                padding_side: str = "right", chunk_mib: float = 2, shard_mib: float = 64, length_window: int = 4,
+                **store: Any) -> dict:
     return {"layers": {str(k): v for k, v in layers.items()}, "dtype": dtype, "batch_size": batch_size,
+            "length_window": length_window,
             "padding_side": padding_side, "parts": parts, "model_dtype": "float32", "trust_remote_code": False,
             "store": {"chunk_mib": chunk_mib, "shard_mib": shard_mib, "compression": "none",
                       "compression_level": 3, **store}}

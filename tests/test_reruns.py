@@ -48,6 +48,7 @@ TABLE = [
     ("capture.layers_per_job", 4, ["capture_L00-03:0", "capture_L00-03:1"] + DOWN),
     ("capture.parts", 3, SET + [f"capture_L0{a}-0{a + 1}:{p}" for a in (0, 2) for p in range(3)] + DOWN),
     ("capture.batch_size", 2, SET + CAPTURES + DOWN),
+    ("capture.length_window", 1, SET + CAPTURES + DOWN),
     ("capture.padding_side", "left", SET + CAPTURES + DOWN),
     ("capture.device", "cpu", []),
     ("capture.threads", 1, []),

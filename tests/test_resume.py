@@ -146,7 +146,10 @@ def test_missing_kept_shard_is_recomputed(setup):
     name = "lost"
     args = job_args(tmp, manifest, params, dataset, name, BLOCKS[0])
     kill_after(args, 6)
-    lost = Path(args["store_root"]) / "layer_00" / "resid_post" / "c" / "1" / "0"
+    journal = progress_dir(args["store_root"]) / "L0_part0.jsonl"
+    array = next(e["array"] for e in map(json.loads, journal.read_text().splitlines()[1:]) if "shard" in e)
+    layer, site, _ = array.split("/")
+    lost = Path(args["store_root"]) / layer / site / "c" / "0" / "0"
     assert lost.is_file()
     lost.unlink()  # e.g. removed by hand: the journal alone does not make a shard finished
     stats = run_capture(**args)
@@ -198,15 +201,24 @@ def test_workflow_reruns_a_killed_capture_job_from_its_progress(tmp_path):
     assert files(wd / "results" / "demo" / "activations.zarr") == files(ref / "results" / "demo" / "activations.zarr")
 
 
-def test_padding_share_is_the_hand_count(setup):
-    from layerscope.capture.run import padding
+def test_batching_by_length_is_the_hand_count(setup):
+    from layerscope.capture.run import padding, plan_windows
 
     tmp, manifest, params, dataset, *_ = setup
     _, offsets = load_tokens(dataset)
     lens = [int(n) for n in (offsets[1:] - offsets[:-1])]
-    todo = [(0, b0, min(b0 + 2, len(lens))) for b0 in range(0, len(lens), 2)]
-    slots = sum(max(lens[b0:b1]) * (b1 - b0) for _, b0, b1 in todo)
-    by_length = sorted(lens, reverse=True)
-    best = sum(max(by_length[i:i + 2]) * len(by_length[i:i + 2]) for i in range(0, len(lens), 2))
-    assert padding(todo, offsets, 2) == pytest.approx((1 - sum(lens) / slots, 1 - sum(lens) / best))
-    assert padding(todo, offsets, 2)[0] > padding(todo, offsets, 2)[1] > 0
+    windows = plan_windows([(0, 50), (60, 90)], offsets, 2, 4)
+    # windows of 8 examples (the spans' ends cut them short), each batched longest first
+    assert [(w.e0, w.e1) for w in windows] == [(a, min(a + 8, b)) for a, b in ((0, 50), (60, 90)) for a in range(a, b, 8)]
+    for w in windows:
+        order = sorted(range(w.e0, w.e1), key=lambda e: -lens[e])  # stable: ties keep data set order
+        assert [b.tolist() for b in w.batches] == [sorted(order[i:i + 2]) for i in range(0, len(order), 2)]
+    real = sum(lens[0:50]) + sum(lens[60:90])
+    ran = sum(max(lens[e] for e in b) * len(b) for w in windows for b in w.batches)
+    in_order = sum(max(lens[e:min(e + 2, w.e1)]) * len(lens[e:min(e + 2, w.e1)]) for w in windows
+                   for e in range(w.e0, w.e1, 2))
+    assert padding(windows, offsets, 2) == pytest.approx((1 - real / ran, 1 - real / in_order))
+    assert padding(windows, offsets, 2)[0] < padding(windows, offsets, 2)[1]
+    # one batch per window is data set order
+    assert [b.tolist() for w in plan_windows([(0, 9)], offsets, 2, 1) for b in w.batches] == \
+        [[0, 1], [2, 3], [4, 5], [6, 7], [8]]

@@ -192,7 +192,8 @@ class Plan:
         """
         c = self.config["capture"]
         return {
-            "dtype": c["dtype"], "batch_size": c["batch_size"], "padding_side": c["padding_side"],
+            "dtype": c["dtype"], "batch_size": c["batch_size"], "length_window": c["length_window"],
+            "padding_side": c["padding_side"],
             "parts": c["parts"], "model_dtype": self.config["model"]["dtype"],
             "trust_remote_code": self.config["model"]["trust_remote_code"], "store": self.config["store"],
         }

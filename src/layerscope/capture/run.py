@@ -106,8 +106,12 @@ class Router:
         self.j, self.pool, self.writer, self.encode, self.direct, self.lane = job, pool, writer, encode, direct, lane
         self.journal = journal
         self.cuda = pool.pin
-        self.buf: torch.Tensor | None = None
-        self.chunk = -1
+        # Chunks being filled (buffer, rows filled so far): a batch of examples sorted by length
+        # fills rows out of order, and a chunk goes to its shard file only once it and every
+        # chunk before it are complete.
+        self.open: dict[int, list] = {}
+        self.complete: set[int] = set()
+        self.next = job.start // job.layout.chunk_rows
         self.shard_file: ShardFile | None = None
         self.opened: list[ShardFile] = []  # to remove their temporary files if the job fails
         # Values stored as NaN/inf, and infinities where the storage dtype's range is narrower than
@@ -117,9 +121,14 @@ class Router:
         self.narrow = pool.dtype == torch.float16
         self._at_close = self.counts()
 
-    def _flush_chunk(self, filled: int) -> None:
-        j, buf, sf, pool = self.j, self.buf, self.shard_file, self.pool
+    def _flush_chunk(self, chunk: int, buf: torch.Tensor, filled: int) -> None:
+        j, pool = self.j, self.pool
         lay = j.layout
+        if self.shard_file is None:
+            self.shard_file = ShardFile(j.array_dir, chunk * lay.chunk_rows // lay.shard_rows,
+                                        lay.shard_rows // lay.chunk_rows, self.encode, self.direct)
+            self.opened.append(self.shard_file)
+        sf = self.shard_file
         if filled < lay.chunk_rows:  # only at the end of the array: pad the inner chunk with the fill value
             buf[filled:].fill_(float("nan"))
         event = None
@@ -138,9 +147,8 @@ class Router:
             pool.release(buf)
 
         self.writer.submit(write, self.lane)
-        self.buf = None
-        chunk_end = (self.chunk + 1) * lay.chunk_rows
-        shard = self.chunk * lay.chunk_rows // lay.shard_rows
+        chunk_end = (chunk + 1) * lay.chunk_rows
+        shard = chunk * lay.chunk_rows // lay.shard_rows
         if chunk_end % lay.shard_rows == 0 or min(chunk_end, lay.rows) >= j.r1:
             self.writer.submit(lambda: self._close(sf, shard), self.lane)
             j.written.append(shard)
@@ -162,26 +170,30 @@ class Router:
         cr = lay.chunk_rows
         while lo < hi:
             chunk = lo // cr
-            if chunk != self.chunk:
-                self.chunk = chunk
-                self.buf = self.pool.acquire(cr, lay.width)
-                if self.shard_file is None:
-                    self.shard_file = ShardFile(j.array_dir, lo // lay.shard_rows, lay.shard_rows // cr, self.encode,
-                                                self.direct)
-                    self.opened.append(self.shard_file)
             c0 = chunk * cr
             end = min(hi, c0 + cr)
-            self.buf[lo - c0:end - c0].copy_(rows[lo - g0:end - g0], non_blocking=self.cuda)
+            slot = self.open.get(chunk)
+            if slot is None:
+                slot = self.open[chunk] = [self.pool.acquire(cr, lay.width), 0]
+            slot[0][lo - c0:end - c0].copy_(rows[lo - g0:end - g0], non_blocking=self.cuda)
+            slot[1] += end - lo
             lo = end
-            if end == min(c0 + cr, j.r1):
-                self._flush_chunk(end - c0)
+            if slot[1] == min(c0 + cr, j.r1) - max(c0, j.start):
+                self.complete.add(chunk)
+                while self.next in self.complete:  # as soon as it can go: buffers get reused
+                    c = self.next
+                    self.complete.discard(c)
+                    buf, _ = self.open.pop(c)
+                    self._flush_chunk(c, buf, min((c + 1) * cr, j.r1) - c * cr)
+                    self.next += 1
 
     def counts(self) -> dict[str, int]:
         return {"nonfinite": self.nonfinite, "clipped": self.clipped}
 
     def done(self) -> None:
-        if self.buf is not None or self.shard_file is not None:
-            raise RuntimeError(f"layer {self.j.layer} {self.j.site}: chunk {self.chunk} incomplete at end of job")
+        if self.open or self.shard_file is not None:
+            raise RuntimeError(f"layer {self.j.layer} {self.j.site}: chunks {sorted(self.open) or self.next} "
+                               "incomplete at end of job")
 
     def abort(self) -> None:
         for sf in self.opened:
@@ -215,17 +227,43 @@ def resume_arrays(jobs: list[ArrayJob], journal: Journal, root: Path, part: int)
         j.written = sorted(j.kept)
 
 
-def first_batch(todo: list[tuple[int, int, int]], jobs: list[ArrayJob], offsets: np.ndarray,
-                boundary_batches: int | None) -> int:
-    """The first batch that an unfinished shard or boundary still needs (``len(todo)``: none).
+@dataclass
+class Window:
+    """Consecutive examples [e0, e1) of span ``span``, run as batches of similar length: each
+    batch holds the examples it holds in data set order, and its rows reach the store in place."""
 
-    Batches keep the uninterrupted run's composition, so the recomputed rows are the same bytes.
+    span: int
+    e0: int
+    e1: int
+    batches: list[np.ndarray]
+
+
+def plan_windows(spans: list[tuple[int, int]], offsets: np.ndarray, batch_size: int, window: int) -> list[Window]:
+    """Cut each span into windows of ``window`` batches and batch each window's examples by length.
+
+    Only the examples and settings decide the batches (never what a job captures), so every
+    job layout computes the same rows from the same batches. ``window`` 1 keeps data set order.
     """
-    k = len(todo) if boundary_batches is None else boundary_batches
+    lens = np.diff(offsets)
+    out = []
+    for sa, sb in spans:
+        for w0 in range(sa, sb, window * batch_size):
+            w1 = min(w0 + window * batch_size, sb)
+            order = w0 + np.argsort(-lens[w0:w1], kind="stable")  # longest first: memory peaks at the start
+            out.append(Window(sa, w0, w1, [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]))
+    return out
+
+
+def first_window(windows: list[Window], jobs: list[ArrayJob], offsets: np.ndarray, boundary_windows: int | None) -> int:
+    """The first window that an unfinished shard or boundary still needs (``len(windows)``: none).
+
+    Windows keep the uninterrupted run's batches, so the recomputed rows are the same bytes.
+    """
+    k = len(windows) if boundary_windows is None else boundary_windows
     for j in jobs:
         if j.start < j.r1:
             e = j.start if j.positions == "last" else int(np.searchsorted(offsets, j.start, side="right")) - 1
-            k = min(k, next(i for i, (_, _, b1) in enumerate(todo) if b1 > e))
+            k = min(k, next(i for i, w in enumerate(windows) if w.e1 > e))
     return k
 
 
@@ -288,17 +326,17 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     return stats
 
 
-def padding(todo: list[tuple[int, int, int]], offsets: np.ndarray, bs: int) -> tuple[float, float]:
-    """The share of batch positions that are padding: in data set order (what the job runs), and
-    if the part's examples were batched by length instead (what sorting would save)."""
+def padding(windows: list[Window], offsets: np.ndarray, bs: int) -> tuple[float, float]:
+    """The share of batch positions that are padding: in the batches the job runs, and in
+    batches taken in data set order."""
     lens = np.diff(offsets)
-    real = sum(int(lens[b0:b1].sum()) for _, b0, b1 in todo)
+    real = sum(int(lens[b].sum()) for w in windows for b in w.batches)
     if not real:
         return 0.0, 0.0
-    padded = sum(int(lens[b0:b1].max()) * (b1 - b0) for _, b0, b1 in todo)
-    ordered = np.sort(np.concatenate([lens[b0:b1] for _, b0, b1 in todo]))[::-1]
-    best = sum(int(ordered[i]) * len(ordered[i:i + bs]) for i in range(0, len(ordered), bs))
-    return 1 - real / padded, 1 - real / best
+    ran = sum(int(lens[b].max()) * len(b) for w in windows for b in w.batches)
+    in_order = sum(int(lens[b0:min(b0 + bs, w.e1)].max()) * (min(b0 + bs, w.e1) - b0)
+                   for w in windows for b0 in range(w.e0, w.e1, bs))
+    return 1 - real / ran, 1 - real / in_order
 
 
 def progress_key(manifest: dict[str, Any], params: dict[str, Any], part: int, jobs: list[ArrayJob],
@@ -347,17 +385,30 @@ def fingerprint(manifest: dict[str, Any], params: dict[str, Any]) -> str:
     return hashlib.sha256(dumps_stable({"files": files, "params": rest}).encode()).hexdigest()[:16]
 
 
-def _batch(token_ids: np.ndarray, offsets: np.ndarray, b0: int, b1: int, pad_id: int, left: bool):
-    lens = (offsets[b0 + 1:b1 + 1] - offsets[b0:b1]).astype(np.int64)
+def _batch(token_ids: np.ndarray, offsets: np.ndarray, examples: np.ndarray, pad_id: int, left: bool):
+    lens = (offsets[examples + 1] - offsets[examples]).astype(np.int64)
     T = int(lens.max())
-    ids = np.full((b1 - b0, T), pad_id, dtype=np.int64)
-    mask = np.zeros((b1 - b0, T), dtype=np.int64)
-    for k in range(b1 - b0):
-        row = token_ids[offsets[b0 + k]:offsets[b0 + k + 1]]
+    ids = np.full((len(examples), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(examples), T), dtype=np.int64)
+    for k, e in enumerate(examples):
+        row = token_ids[offsets[e]:offsets[e + 1]]
         sl = slice(T - len(row), T) if left else slice(0, len(row))
         ids[k, sl] = row
         mask[k, sl] = 1
     return ids, mask, lens
+
+
+def _runs(examples: np.ndarray, offsets: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """A batch's examples as runs of consecutive ones: (first example, batch index of it,
+    first and end row of the run in the batch's flat real tokens)."""
+    cut = np.flatnonzero(np.diff(examples) != 1) + 1
+    runs, flat = [], 0
+    for k0, k1 in zip(np.r_[0, cut], np.r_[cut, len(examples)]):
+        e0, e1 = int(examples[k0]), int(examples[k1 - 1]) + 1
+        n = int(offsets[e1] - offsets[e0])
+        runs.append((e0, int(k0), flat, flat + n))
+        flat += n
+    return runs
 
 
 def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: Path, part, group, chain: Chain,
@@ -406,12 +457,18 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
     def route(i: int, x: torch.Tensor) -> None:
         # Copy out inside the hook, so the model frees its activations as it would without us.
         if jobs[i].positions == "last":
-            routers[i].add(batch["e0"], x[batch["rows"], batch["last"]])
+            rows, ends = x[batch["rows"], batch["last"]], batch["k_ends"]
+            for (e0, k0, _, _), k1 in zip(batch["runs"], ends):
+                routers[i].add(e0, rows[k0:k1])
         else:
-            routers[i].add(batch["t0"], rows_of(x))
+            rows = rows_of(x)
+            for e0, _, f0, f1 in batch["runs"]:
+                routers[i].add(int(offsets[e0]), rows[f0:f1])
 
     def hand_on(x: torch.Tensor) -> None:
-        chain.output.write(batch["brow"], rows_of(S.first_tensor(x)).to("cpu"))
+        rows = rows_of(S.first_tensor(x)).to("cpu")
+        for (_, _, f0, f1), brow in zip(batch["runs"], batch["brows"]):
+            chain.output.write(brow, rows[f0:f1])
 
     def take_over(module, args, kwargs):
         # The stream entering the block replaces whatever the pass-throughs below handed up.
@@ -426,52 +483,38 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
         chain.output = BoundaryWriter(chain.output_path, chain.tokens, m["hidden_size"],
                                       dtype_name, {"layer": chain.end + 1, **chain.key}, partial=journal.boundary)
         handles.append(layer_mods[chain.end].register_forward_hook(lambda mod, a, o: hand_on(o)))
+    embed_dim = 0
     if chain.input is not None:
         handles.append(layer_mods[chain.start].register_forward_pre_hook(take_over, with_kwargs=True))
         embed_dim = model.get_input_embeddings().weight.shape[-1]
     handles.append(S.attach_stop(layer_mods[stop]))
     bs = params["batch_size"]
     left = params["padding_side"] == "left"
-    todo = [(sa, b0, min(b0 + bs, sb)) for sa, sb in chain.spans for b0 in range(sa, sb, bs)]
+    windows = plan_windows(chain.spans, offsets, bs, params["length_window"])
+    n_batches = sum(len(w.batches) for w in windows)
     written = journal.batches if chain.output is not None and chain.output.resumed else 0
-    k0 = first_batch(todo, jobs, offsets, written if chain.output is not None else None)
+    k0 = first_window(windows, jobs, offsets, written if chain.output is not None else None)
     kept = sum(len(j.kept) for j in jobs)
-    resumed = {"kept_shards": kept, "skipped_batches": k0, "batches": len(todo)} if kept or k0 else None
-    waste, sorted_waste = padding(todo, offsets, bs)
+    skipped = sum(len(w.batches) for w in windows[:k0])
+    resumed = {"kept_shards": kept, "skipped_batches": skipped, "batches": n_batches} if kept or k0 else None
+    waste, in_order = padding(windows, offsets, bs)
     chain.padding = round(waste, 4)
-    log.info("padding: %.1f%% of batch positions (%.1f%% if batched by length)", 100 * waste, 100 * sorted_waste)
+    log.info("padding: %.1f%% of batch positions (%.1f%% in data set order; capture.length_window %d)",
+             100 * waste, 100 * in_order, params["length_window"])
     if resumed:
-        log.info("resuming: %d finished shards kept, %d of %d batches skipped", kept, k0, len(todo))
+        log.info("resuming: %d finished shards kept, %d of %d batches skipped", kept, skipped, n_batches)
     journal.start(resumed=bool(resumed), batches=written)
     ok = False
     try:
-        with torch.inference_mode():
-            for k in tqdm(range(k0, len(todo)), desc=f"capture {group} part {part}", unit="batch", mininterval=1.0,
-                          initial=k0, total=len(todo)):
-                sa, b0, b1 = todo[k]
-                ids, mask, lens = _batch(token_ids, offsets, b0, b1, pad_id, left)
-                mask_t = torch.from_numpy(mask).to(dev, non_blocking=True)
-                pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
-                padded = bool((lens != ids.shape[1]).any())
-                last = np.full(len(lens), ids.shape[1] - 1) if left else lens - 1
-                brow = chain.span_row[sa] + int(offsets[b0] - offsets[sa])  # the batch's first row in a boundary
-                batch.update(e0=b0, t0=int(offsets[b0]), brow=brow, sel=mask_t.bool() if padded else None,
-                             rows=torch.arange(b1 - b0, device=dev), last=torch.from_numpy(last).to(dev))
-                if chain.input is None:
-                    inputs = {"input_ids": torch.from_numpy(ids).to(dev, non_blocking=True)}
-                else:
-                    flat = chain.input.rows(brow, brow + int(offsets[b1] - offsets[b0]))
-                    h = torch.zeros((b1 - b0, ids.shape[1], flat.shape[-1]), dtype=flat.dtype)
-                    h[torch.from_numpy(mask).bool()] = flat
-                    batch["h_in"] = h.to(dev, dtype=tdtype)
-                    # Only the shape, dtype and device of the embeddings matter below the block.
-                    inputs = {"inputs_embeds": torch.zeros((b1 - b0, ids.shape[1], embed_dim), dtype=tdtype,
-                                                           device=dev)}
-                try:
-                    model(**inputs, attention_mask=mask_t, position_ids=pos_t, use_cache=False)
-                except S.StopForward:
-                    pass
-                if chain.output is not None:
+        with torch.inference_mode(), tqdm(desc=f"capture {group} part {part}", unit="batch", mininterval=1.0,
+                                          initial=skipped, total=n_batches) as bar:
+            for k in range(k0, len(windows)):
+                sa = windows[k].span
+                for examples in windows[k].batches:
+                    _run_batch(model, examples, sa, chain, batch, token_ids, offsets, pad_id, left, dev, tdtype,
+                               embed_dim)
+                    bar.update()
+                if chain.output is not None:  # the window's boundary rows are all written
                     journal.batches_done(k + 1)
         for r in routers:
             r.done()
@@ -494,3 +537,32 @@ def _capture_examples(manifest, params, device, jobs, token_ids, offsets, root: 
     if chain.output is not None:
         chain.output.close()
     return resumed
+
+
+def _run_batch(model, examples: np.ndarray, span: int, chain: Chain, batch: dict[str, Any], token_ids: np.ndarray,
+               offsets: np.ndarray, pad_id: int, left: bool, dev: str, tdtype: torch.dtype, embed_dim: int) -> None:
+    """One forward pass over ``examples``; the hooks route its rows (see ``batch``)."""
+    ids, mask, lens = _batch(token_ids, offsets, examples, pad_id, left)
+    mask_t = torch.from_numpy(mask).to(dev, non_blocking=True)
+    pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)
+    padded = bool((lens != ids.shape[1]).any())
+    last = np.full(len(lens), ids.shape[1] - 1) if left else lens - 1
+    runs = _runs(examples, offsets)
+    # where each run's rows go in a boundary, which holds the span's tokens one after another
+    brows = [chain.span_row[span] + int(offsets[e0] - offsets[span]) for e0, _, _, _ in runs]
+    batch.update(runs=runs, brows=brows, k_ends=[k for _, k, _, _ in runs[1:]] + [len(examples)],
+                 sel=mask_t.bool() if padded else None, rows=torch.arange(len(examples), device=dev),
+                 last=torch.from_numpy(last).to(dev))
+    if chain.input is None:
+        inputs = {"input_ids": torch.from_numpy(ids).to(dev, non_blocking=True)}
+    else:
+        flat = torch.cat([chain.input.rows(b, b + f1 - f0) for (_, _, f0, f1), b in zip(runs, brows)])
+        h = torch.zeros((len(examples), ids.shape[1], flat.shape[-1]), dtype=flat.dtype)
+        h[torch.from_numpy(mask).bool()] = flat
+        batch["h_in"] = h.to(dev, dtype=tdtype)
+        # Only the shape, dtype and device of the embeddings matter below the block.
+        inputs = {"inputs_embeds": torch.zeros((len(examples), ids.shape[1], embed_dim), dtype=tdtype, device=dev)}
+    try:
+        model(**inputs, attention_mask=mask_t, position_ids=pos_t, use_cache=False)
+    except S.StopForward:
+        pass
