@@ -1,5 +1,7 @@
-"""Command line: ``python -m layerscope inspect RUN_DIR [--show-examples N]`` and
-``python -m layerscope plan [--configfile FILE] [--directory DIR] [--json]``."""
+"""Command line: ``python -m layerscope inspect RUN_DIR [--show-examples N]``,
+``python -m layerscope plan [--configfile FILE] [--directory DIR] [--json]``,
+``python -m layerscope export RUN[:VARIANT] --format seed001|seed004|npy --out DIR`` and
+``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all] [--json]``."""
 
 from __future__ import annotations
 
@@ -120,6 +122,63 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
     return est
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas, e.g. 0,3,-1; got {text!r}")
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def export_run(run: str, fmt: str, out_dir: str, layers: list[int] | None = None, sites: list[str] | None = None,
+               force: bool = False, shard_size: int = 512, padding: str = "left", out=sys.stdout) -> None:
+    """Write a run in an older layout (see layerscope.interop) and say where."""
+    from layerscope.interop.export import export
+
+    dest = export(run, fmt, out_dir, layers=layers, sites=sites, force=force, shard_size=shard_size,
+                  padding=padding)
+    files = [f for f in dest.rglob("*") if f.is_file()]
+    print(f"exported {run} as {fmt} to {dest}: {len(files)} files, {_human(sum(f.stat().st_size for f in files))}",
+          file=out)
+
+
+def compare_runs(run_a: str, run_b: str, positions: str = "last", as_json: bool = False,
+                 layers: list[int] | None = None, sites: list[str] | None = None, out=sys.stdout) -> list:
+    """Print how two runs on the same tokens differ, per layer x site x split (table or JSON)."""
+    import json
+    import math
+
+    from layerscope.analysis.compare import compare, compared_arrays
+    from layerscope.store.variants import open_ref
+
+    (a, va), (b, vb) = open_ref(run_a), open_ref(run_b)
+    rows = compare(a, b, positions=positions, layers=layers, sites=sites)
+    _, only_a, only_b = compared_arrays(a, b, layers, sites)
+    names = lambda arrays: [f"layer_{L:02d}/{s}" for L, s in arrays]  # noqa: E731
+    if as_json:
+        print(json.dumps({"a": {"run": str(a.path), "variant": va}, "b": {"run": str(b.path), "variant": vb},
+                          "positions": positions, "only_a": names(only_a), "only_b": names(only_b),
+                          "rows": [r.to_json() for r in rows]}), file=out)
+        return rows
+    p = lambda *x: print(*x, file=out)  # noqa: E731
+    f = lambda x, spec: "nan" if not math.isfinite(x) else format(x, spec)  # noqa: E731
+    p(f"A  {run_a}\nB  {run_b}\npositions {positions}; cosine = mean cos(a, b); rel_l2 = ||a - b|| / ||a|| "
+      "over the split; |a|, |b| = mean L2 norms")
+    head = f"{'array':<22} {'split':<12} {'n':>7} {'cosine':>9} {'rel_l2':>9} {'|a|':>10} {'|b|':>10} {'|b|-|a|':>10} {'rel':>8}"
+    p(head)
+    for r in rows:
+        p(f"{'layer_%02d/%s' % (r.layer, r.site):<22} {r.split[:12]:<12} {r.n:>7} {f(r.cosine, '.6f'):>9} "
+          f"{f(r.rel_l2, '.4g'):>9} {f(r.norm_a, '.4g'):>10} {f(r.norm_b, '.4g'):>10} {f(r.norm_change, '+.4g'):>10} "
+          f"{f(100 * r.norm_change_rel, '+.2f') + '%':>8}")
+    for who, arrays in (("A", only_a), ("B", only_b)):
+        if arrays:
+            p(f"only in {who} (not compared): {', '.join(names(arrays))}")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,12 +189,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("--configfile", help="the workflow config (default: config/config.yaml of --directory)")
     pl.add_argument("--directory", default=".", help="the working directory snakemake would run in")
     pl.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    ex = sub.add_parser("export", help="write a run in an older layout: seed001, seed004, or plain .npy files")
+    ex.add_argument("run", help="a run directory, optionally with :VARIANT")
+    ex.add_argument("--format", required=True, choices=["seed001", "seed004", "npy"], dest="fmt")
+    ex.add_argument("--out", required=True, help="the directory to write (replaced whole, at the end)")
+    ex.add_argument("--layers", type=_int_list, help="layers to export, e.g. 0,3,-1 (default: all stored)")
+    ex.add_argument("--sites", type=_str_list, help="sites to export (seed formats: resid_post only)")
+    ex.add_argument("--shard-size", type=int, default=512, help="seed001: examples per shard (default 512)")
+    ex.add_argument("--padding", choices=["left", "right"], default="left",
+                    help="seed004: pad side of [n, seq_len, hidden] (default left: acts[i, -1] is the last token)")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    cmp = sub.add_parser("compare", help="compare two runs on the same tokens, per layer x site x split")
+    cmp.add_argument("run_a", help="run A: a run directory, optionally with :VARIANT")
+    cmp.add_argument("run_b", help="run B, likewise")
+    cmp.add_argument("--positions", choices=["last", "all"], default="last",
+                     help="each example's last token (default) or every token")
+    cmp.add_argument("--layers", type=_int_list, help="layers to compare, e.g. 0,3,-1 (default: all in both)")
+    cmp.add_argument("--sites", type=_str_list, help="sites to compare (default: all in both)")
+    cmp.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args(argv)
     if args.command == "inspect" and args.show_examples < 0:
         parser.error("--show-examples: must be 0 or more")
     try:
         if args.command == "plan":
             plan_run(args.configfile, args.directory, args.json)
+        elif args.command == "export":
+            export_run(args.run, args.fmt, args.out, args.layers, args.sites, args.force, args.shard_size,
+                       args.padding)
+        elif args.command == "compare":
+            compare_runs(args.run_a, args.run_b, args.positions, args.json, args.layers, args.sites)
         else:
             inspect_run(args.run_dir, args.show_examples)
     except LayerScopeError as e:

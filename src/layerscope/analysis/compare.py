@@ -1,0 +1,195 @@
+"""Compare two runs (or variants) captured on the same tokens: per layer x site x split.
+
+    rows = compare("results/base", "results/tuned", positions="last")
+
+For each array both runs hold and each split, over the vectors a_i (run A) and b_i (run B) at
+the chosen positions:
+
+- ``cosine``: mean over i of cos(a_i, b_i) (1 where both are zero, 0 where one is);
+- ``rel_l2``: sqrt(sum ||a_i - b_i||^2) / sqrt(sum ||a_i||^2), the relative L2 distance of the
+  whole split, so that a few near-zero vectors cannot dominate it;
+- ``norm_a``, ``norm_b``: mean ||a_i||, mean ||b_i||; ``norm_change`` = mean(||b_i|| - ||a_i||)
+  and ``norm_change_rel`` = that over mean ||a_i||.
+
+Everything accumulates in float64, block by block, so memory stays bounded whatever the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from layerscope.errors import LayerScopeError
+from layerscope.store.reader import Activations, Run
+from layerscope.store.variants import open_ref
+
+POSITIONS = ("last", "all")
+BLOCK_BYTES = 16 << 20  # float64 rows held per side at once
+TOKEN_BLOCK = 1 << 22  # token ids compared at once
+
+
+@dataclass
+class CompareRow:
+    layer: int
+    site: str
+    split: str
+    positions: str
+    n: int  # vectors compared: examples ("last") or tokens ("all")
+    cosine: float
+    rel_l2: float
+    norm_a: float
+    norm_b: float
+    norm_change: float
+    norm_change_rel: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The row with NaN/inf as None, which JSON cannot spell."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _as_run(run: Run | str | os.PathLike) -> Run:
+    return run if isinstance(run, Run) else open_ref(run)[0]
+
+
+def _describe(run: Run, e: int) -> str:
+    ex = run.examples[e]
+    return f"example {e} (id {ex['id']!r}, split {ex['split']!r})"
+
+
+def check_same_tokens(a: Run, b: Run) -> None:
+    """Raise LayerScopeError naming the first example whose tokens differ between the runs."""
+    oa, ob = a.offsets, b.offsets
+    n = min(len(oa), len(ob)) - 1
+    longer = np.flatnonzero(np.diff(oa[:n + 1]) != np.diff(ob[:n + 1]))
+    first = int(longer[0]) if longer.size else (n if len(oa) != len(ob) else None)
+    # Up to the first length difference the offsets agree, so the flat token axes line up.
+    end = int(oa[first]) if first is not None else int(oa[-1])
+    ids_a, ids_b = a.group["tokens/ids"], b.group["tokens/ids"]
+    token = None
+    for t0 in range(0, end, TOKEN_BLOCK):
+        t1 = min(t0 + TOKEN_BLOCK, end)
+        diff = np.flatnonzero(ids_a[t0:t1] != ids_b[t0:t1])
+        if diff.size:
+            token = t0 + int(diff[0])
+            first = int(np.searchsorted(oa, token, side="right")) - 1
+            break
+    if first is None:
+        if a.splits != b.splits:
+            raise LayerScopeError(f"{a.path} and {b.path} hold the same tokens but group them into different "
+                                  f"splits ({a.splits} vs {b.splits}); compare needs the same splits")
+        return
+    if first >= n:
+        has, lacks = (a, b) if len(oa) > len(ob) else (b, a)
+        raise LayerScopeError(f"runs differ in tokens: {_describe(has, first)} is in {has.path} only "
+                              f"({len(a)} examples in {a.path}, {len(b)} in {b.path}); compare needs the same tokens")
+    what = _describe(a, first)
+    if b.examples[first]["id"] != a.examples[first]["id"]:
+        what += f" / id {b.examples[first]['id']!r} in {b.path}"
+    if token is not None:
+        pos = token - int(oa[first])
+        detail = f"token {pos} is {int(ids_a[token])} in {a.path} and {int(ids_b[token])} in {b.path}"
+    else:
+        detail = f"{int(oa[first + 1] - oa[first])} tokens in {a.path}, {int(ob[first + 1] - ob[first])} in {b.path}"
+    raise LayerScopeError(f"runs differ in tokens: first at {what}: {detail}; compare needs the same tokens")
+
+
+def compared_arrays(a: Run, b: Run, layers: Sequence[int] | None = None, sites: Sequence[str] | None = None
+                    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[tuple[int, str]]]:
+    """(arrays in both, only in A, only in B), restricted to ``layers`` and ``sites`` when given."""
+    want_layers = None if layers is None else {a.layer_index(L) for L in layers}
+
+    def keep(arrays: list[tuple[int, str]]) -> set[tuple[int, str]]:
+        return {(L, s) for L, s in arrays
+                if (want_layers is None or L in want_layers) and (sites is None or s in sites)}
+
+    sa, sb = keep(a.arrays), keep(b.arrays)
+    return sorted(sa & sb), sorted(sa - sb), sorted(sb - sa)
+
+
+def _blocks(view: Activations, positions: str, offsets: np.ndarray) -> Iterator[np.ndarray]:
+    """The view's vectors at ``positions`` in bounded float64 blocks, in example (then token) order."""
+    step = max(1, BLOCK_BYTES // (8 * view.width))
+    if positions == "last" and view.positions == "all":
+        # the last real token of each example is the row before the next example's first
+        idx = offsets[view.e0 + 1:view.e1 + 1] - 1 - offsets[view.e0]
+        for i in range(0, len(idx), step):
+            yield view.take(idx[i:i + step]).astype(np.float64)
+        return
+    n = view.shape[0]
+    for r in range(0, n, step):
+        yield view.rows(r, min(r + step, n)).astype(np.float64)
+
+
+def _row(layer: int, site: str, split: str, positions: str, va: Activations, vb: Activations,
+         offsets: np.ndarray) -> CompareRow:
+    n = 0
+    cos = sq_diff = sq_a = norm_a = norm_b = 0.0
+    for xa, xb in zip(_blocks(va, positions, offsets), _blocks(vb, positions, offsets), strict=True):
+        na, nb = np.linalg.norm(xa, axis=1), np.linalg.norm(xb, axis=1)
+        dot = np.einsum("ij,ij->i", xa, xb)
+        denom = na * nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), (na == nb).astype(np.float64))
+        n += len(xa)
+        cos += float(c.sum())
+        sq_diff += float(np.square(xa - xb).sum())
+        sq_a += float(np.square(na).sum())
+        norm_a += float(na.sum())
+        norm_b += float(nb.sum())
+    nan = float("nan")
+
+    def div(x: float, y: float) -> float:
+        return x / y if y else (0.0 if x == 0 else nan)
+
+    mean_a, mean_b = div(norm_a, n), div(norm_b, n)
+    return CompareRow(layer, site, split, positions, n, div(cos, n), div(math.sqrt(sq_diff), math.sqrt(sq_a)),
+                      mean_a, mean_b, mean_b - mean_a, div(mean_b - mean_a, mean_a))
+
+
+def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, positions: str = "last",
+            layers: Sequence[int] | None = None, sites: Sequence[str] | None = None,
+            splits: Sequence[str] | None = None) -> list[CompareRow]:
+    """One row per layer x site both runs hold, per split (``splits``: all by default).
+
+    Runs are Run objects or ``RUN[:VARIANT]`` references. ``positions="last"`` compares each
+    example's last token (from ``last`` or ``all`` arrays alike); ``"all"`` every token, which
+    needs ``all`` arrays in both runs. Refuses runs whose tokens differ.
+    """
+    if positions not in POSITIONS:
+        raise LayerScopeError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    a, b = _as_run(run_a), _as_run(run_b)
+    check_same_tokens(a, b)
+    both, only_a, only_b = compared_arrays(a, b, layers, sites)
+    if not both:
+        raise LayerScopeError(f"{a.path} and {b.path} share no layer x site to compare (A has "
+                              f"{_names(only_a) or 'none selected'}; B has {_names(only_b) or 'none selected'})")
+    names = list(a.splits) if splits is None else list(splits)
+    for s in names:
+        if s not in a.splits:
+            raise LayerScopeError(f"{a.path}: no split {s!r} (splits: {', '.join(a.splits)})")
+    plan = []
+    for layer, site in both:
+        va, vb = a.activations(layer, site), b.activations(layer, site)
+        if va.width != vb.width:
+            raise LayerScopeError(f"layer_{layer:02d}/{site} is {va.width} wide in {a.path} and {vb.width} in "
+                                  f"{b.path}: not the same model shape")
+        if positions == "all":
+            lasts = [str(r.path) for r, v in ((a, va), (b, vb)) if v.positions == "last"]
+            if lasts:
+                raise LayerScopeError(f"layer_{layer:02d}/{site} holds the last position only in {', '.join(lasts)}; "
+                                      "compare it with --positions last, or leave it out (--layers/--sites)")
+        plan.append((layer, site))
+    rows = []
+    for layer, site in plan:
+        for s in names:
+            rows.append(_row(layer, site, s, positions, a.activations(layer, site, split=s),
+                             b.activations(layer, site, split=s), a.offsets))
+    return rows
+
+
+def _names(arrays: list[tuple[int, str]]) -> str:
+    return ", ".join(f"layer_{L:02d}/{s}" for L, s in arrays)
