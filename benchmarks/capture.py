@@ -148,7 +148,7 @@ def run(args, scratch: Path) -> int:
             arrays = [(f"{s}_{i:02d}", (tokens, I if s == "mlp_act" else H)) for i in range(L) for s in sites]
             nbytes[w] = sum(a * b * 2 for _, (a, b) in arrays)
             captures = [(i, s, "all") for i in range(L) for s in sites]
-            params = {"block": [0, L - 1], "dtype": "float16",
+            params = {"block": [0, L - 1], "dtype": "float16", "length_window": 8,
                       "batch_size": bs, "padding_side": "right", "parts": 1, "model_dtype": "float32",
                       "trust_remote_code": False,
                       "store": {"chunk_mib": 2, "shard_mib": 64, "compression": "none", "compression_level": 3}}
