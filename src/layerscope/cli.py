@@ -94,7 +94,8 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
     plan = build_plan(cfg, schema, base)
     device = resolve_device(plan.config["capture"]["device"])
     dtype = str(resolve_dtype(plan.config["model"]["dtype"], device)).removeprefix("torch.")
-    est = estimate(plan, plan_offsets(plan, base / "results" / plan.config["run"]), dtype)
+    est = estimate(plan, plan_offsets(plan, base / "results" / plan.config["run"]), dtype,
+                   "cpu" if device == "cpu" else "gpu")
     if as_json:
         print(json.dumps(est), file=out)
         return est
@@ -112,13 +113,18 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
             p(f"  ... {len(blocks) - 7} more blocks ...")
             continue
         p(f"  {b['name']}  captures {b['layers'] or 'nothing (relay)'}; weights {_human(b['weight_bytes'])}"
-          + ("; hands on a boundary" if b["writes_boundary"] else ""))
+          + ("; hands on a boundary" if b["writes_boundary"] else "")
+          + (f"; memory {_human(b['host_bytes'])}" if est["device"] == "cpu" else
+             f"; GPU {_human(b['device_bytes'])}, host {_human(b['host_bytes'])}")
+          + f" (batch-by-length window {_human(b['window_bytes'])})")
     p(f"arrays     {len(est['arrays'])} arrays, {est['shards']} shards, {_human(est['array_bytes'])} ({cap['dtype']}), "
       f"{_human(est['disk_bytes'])} on disk")
     for site, nbytes in sorted(est["bytes_per_site"].items()):
         p(f"  {site:<11} {_human(nbytes)}")
     p(f"boundaries {_human(est['boundary_bytes'])} in all ({', '.join(_human(x) for x in est['boundary_bytes_per_part'])}"
       f" per boundary and part), {'kept' if cap['boundaries'] == 'keep' else 'deleted once used'}")
+    p("memory     per job, beyond the Python runtime (~0.4 GiB): weights + one batch at the longest example"
+      + ("" if est["device"] == "cpu" else " on the GPU; on the host") + " + rows held by the window")
     return est
 
 

@@ -88,6 +88,48 @@ def block_weight_bytes(plan: Plan, compute_bytes: int) -> dict[str, int]:
     return out
 
 
+def window_tokens(offsets: np.ndarray, examples: int) -> int:
+    """The most tokens any run of ``examples`` consecutive examples holds (a batch-by-length window)."""
+    csum = np.asarray(offsets, dtype=np.int64)
+    k = min(examples, len(csum) - 1)
+    return int((csum[k:] - csum[:-k]).max()) if k > 0 else 0
+
+
+def job_memory(plan: Plan, offsets: np.ndarray, compute_bytes: int, weights: dict[str, int],
+               device: str) -> dict[str, dict[str, int]]:
+    """Per block, the memory one of its jobs needs beyond the Python runtime (about 0.4 GiB with torch).
+
+    ``device``: weights plus one batch's activations at the longest example (about 8 hidden-wide
+    and 3 intermediate-wide tensors per token in flight; attention kernels that materialise the
+    score matrix add batch x heads x T^2). ``host``: the rows a batch-by-length window holds for
+    each captured array until its chunks are complete, a few chunk buffers per array, and the
+    boundary rows of a batch; plus the weights and activations where the device is the CPU.
+    """
+    cap, store = plan.config["capture"], plan.config["store"]
+    itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
+    h, inter = plan.dims.hidden_size, plan.dims.intermediate_size
+    n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
+    bs = cap["batch_size"]
+    longest = int(np.diff(offsets).max()) if n_ex else 0
+    window = window_tokens(offsets, cap["length_window"] * bs)
+    batch = bs * longest * (8 * h + 3 * inter) * compute_bytes
+    out = {}
+    for b in plan.blocks:
+        staging = chunks = 0
+        for _, site, pos in plan.captures(b):
+            width = site_width(site, h, inter)
+            lay = make_layout(n_ex if pos == "last" else n_tok, width, itemsize, cap["parts"], store["chunk_mib"],
+                              store["shard_mib"])
+            rows = min(cap["length_window"] * bs, n_ex) if pos == "last" else window
+            staging += rows * width * itemsize
+            chunks += 4 * lay.chunk_rows * width * itemsize  # one being filled, one being written, a queue
+        boundary = 2 * bs * longest * h * compute_bytes if b.reads_boundary or b.writes_boundary else 0
+        dev = weights[b.name] + batch
+        host = staging + chunks + boundary + (dev if device == "cpu" else 0)
+        out[b.name] = {"device_bytes": dev, "host_bytes": host, "window_bytes": staging}
+    return out
+
+
 def disk_bytes(lay, itemsize: int, store: dict[str, Any]) -> int:
     """Bytes of an array's shard files: whole chunks (the last one filled up) and each shard's
     index, every write in whole 4 KiB blocks (see shards.ShardFile). Compressed arrays: the raw bytes,
@@ -103,7 +145,7 @@ def _blocks(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32") -> dict[str, Any]:
+def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
     """Bytes, rows, shards and jobs of the planned run; per block, the weights its jobs hold."""
     cap, store = plan.config["capture"], plan.config["store"]
     itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
@@ -127,13 +169,14 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32") ->
     per_boundary = [t * h * boundary_item for t in part_tokens]
     n_boundaries = sum(b.writes_boundary for b in plan.blocks)
     weights = block_weight_bytes(plan, COMPUTE_BYTES[compute_dtype])
+    memory = job_memory(plan, offsets, COMPUTE_BYTES[compute_dtype], weights, device)
     return {
         "examples": n_ex, "tokens": n_tok, "jobs": len(plan.blocks) * cap["parts"],
-        "blocks": [{"name": b.name, "layers": list(b.layers), "weight_bytes": weights[b.name],
+        "blocks": [{"name": b.name, "layers": list(b.layers), "weight_bytes": weights[b.name], **memory[b.name],
                     "reads_boundary": b.reads_boundary, "writes_boundary": b.writes_boundary} for b in plan.blocks],
         "arrays": arrays, "bytes_per_site": sites, "array_bytes": sum(sites.values()),
         "disk_bytes": sum(a["disk_bytes"] for a in arrays),
         "shards": sum(a["shards"] for a in arrays),
         "boundary_bytes_per_part": per_boundary, "boundary_bytes": n_boundaries * sum(per_boundary),
-        "compute_dtype": compute_dtype,
+        "compute_dtype": compute_dtype, "device": device,
     }
