@@ -124,7 +124,7 @@ def test_part_examples_cover_every_layout(parts):
     lengths = rng.integers(1, 300, size=50)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     store = {"chunk_mib": 0.01, "shard_mib": 0.05}
-    got = [part_examples(offsets, 64, 172, "float16", parts, store, p) for p in range(parts)]
+    got = [part_examples(offsets, {64, 172}, "float16", parts, store, p) for p in range(parts)]
     computed = lambda p: {e for a, b in got[p] for e in range(a, b)}  # noqa: E731
     needed: list[set[int]] = [set() for _ in range(parts)]
     for width in (64, 172):

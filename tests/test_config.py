@@ -42,7 +42,7 @@ def test_default_config_plans_groups_and_parts():
     ("bogus", 1, r"bogus: unknown key"),
     ("capture.batch_size", "eight", r"capture\.batch_size: 'eight' is not of type 'integer'"),
     ("capture.parts", 0, r"capture\.parts: 0 is less than the minimum of 1"),
-    ("capture.sites", ["resid_post", "resid_pre"], r"capture\.sites\[1\]: 'resid_pre' is not one of resid_post"),
+    ("capture.sites", ["resid_post", "resid_pre"], r"capture\.sites\[1\]: 'resid_pre' is not a site; choose from resid_post, attn_out"),
     ("capture.layers", "some", r"capture\.layers: 'some' is not 'all' or a list of layer numbers"),
     ("capture.layers", [0, 4], r"capture\.layers: layer 4 is out of range for model builtin:llama-tiny with 4 layers"),
     ("capture.layers", [-5], r"capture\.layers: layer -5 is out of range"),
@@ -74,7 +74,7 @@ def test_snakemake_stops_before_any_job(workdir: Path):
     res = run_snakemake(workdir, "--cores", "1")
     assert res.returncode != 0
     out = res.stdout + res.stderr
-    assert "config error: capture.sites[1]: 'mlp_gate' is not one of" in out
+    assert "config error: capture.sites[1]: 'mlp_gate' is not a site; choose from" in out
     assert out.count("config error") == 1
     assert not (workdir / "results").exists() and not (workdir / "logs").exists()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
 from layerscope.errors import ConfigError, ModelError
-from layerscope.models.architectures import check_capture
+from layerscope.models.adapters import LORA_SITES, matches, split_site
+from layerscope.models.architectures import Widths, check_capture
 from layerscope.models.loading import Dims, ModelRef, dims_from_config, parse_ref, peek_config
 
 SITES = ("resid_post", "attn_out", "mlp_out", "mlp_act")
@@ -129,6 +131,11 @@ class Plan:
     dims: Dims
     layers: list[int]
     settings: dict[int, dict[str, Any]]  # layer -> {"sites": [...], "positions": ...}
+    lora: dict[int, dict[str, list[int]]] | None = None  # the adapter's modules, where LoRA sites need them
+
+    @property
+    def widths(self) -> Widths:
+        return Widths(self.dims.hidden_size, self.dims.intermediate_size, self.lora or {})
 
     @property
     def blocks(self) -> list[Block]:
@@ -246,6 +253,7 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         # Past its positions GPT-2 crashes at capture, and rotary models silently give wrong values.
         raise ConfigError(f"config error: dataset.max_length: {cfg['dataset']['max_length']} is more than the "
                           f"{max_pos} positions {model.label} was built for; set it to {max_pos} or less")
+    check_site_names(cap)
     layers = resolve_layers(cap["layers"], dims.num_layers, model.label)
     settings = {L: {"sites": list(cap["sites"]), "positions": cap["positions"]} for L in layers}
     for key, over in cap["overrides"].items():
@@ -258,11 +266,95 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         settings[L].update(copy.deepcopy(over))
     if problem := check_capture(dims.model_type, dims.architecture, cap):
         raise ConfigError(f"config error: {problem}")
+    lora = None
+    if any(split_site(s)[0] in LORA_SITES for v in settings.values() for s in v["sites"]):
+        lora = adapter_modules(adapter, model, cfg["hub_cache"], allow_download)
+        expand_lora_sites(settings, lora, cap["lora_modules"])
     # Key order must not matter: Snakemake compares params by their text, so a config file
     # rewritten with its keys in another order would otherwise re-run every job.
     cfg = json.loads(dumps_stable(cfg))
     settings = {L: json.loads(dumps_stable(v)) for L, v in settings.items()}
-    return Plan(cfg, base, model, adapter, dims, layers, settings)
+    return Plan(cfg, base, model, adapter, dims, layers, settings, lora)
+
+
+SITE_NAME = re.compile(r"^(resid_post|attn_out|mlp_out|mlp_act|lora_a|lora_delta|lora_(a|delta)(\.[A-Za-z0-9_]+)+)$")
+
+
+def check_site_names(cap: dict[str, Any]) -> None:
+    """Refuse a site name that is none of the sites, naming the key and what there is."""
+    lists = [("capture.sites", cap["sites"])] + [(f"capture.overrides.{k}.sites", o["sites"])
+                                                 for k, o in cap["overrides"].items() if "sites" in o]
+    for key, sites in lists:
+        for i, s in enumerate(sites):
+            if not SITE_NAME.match(s):
+                raise ConfigError(f"config error: {key}[{i}]: {s!r} is not a site; choose from "
+                                  f"{', '.join(SITES)}, lora_a, lora_delta, lora_a.MODULE, lora_delta.MODULE")
+
+
+def adapter_modules(adapter: ModelRef | None, model: ModelRef, hub_cache: str | None,
+                    allow_download: bool = True) -> dict[int, dict[str, list[int]]]:
+    """The adapter's LoRA modules per layer, read before any job runs (LoRA sites need their names and widths)."""
+    from layerscope.models.adapters import builtin_lora_modules, lora_modules
+
+    if adapter is None:
+        raise ConfigError("config error: capture.sites: lora_a and lora_delta are the sites of a LoRA adapter, "
+                          "and adapter: is null; name one (adapter.id) or drop the LoRA sites")
+    try:
+        if adapter.kind == "builtin":
+            if model.kind != "builtin":
+                raise ConfigError("config error: adapter.id: LoRA sites of builtin:lora need a built-in model "
+                                  "(planning builds the adapter to read its modules)")
+            return builtin_lora_modules(model.name, adapter.seed)
+        if adapter.kind == "local":
+            return lora_modules(adapter.name)
+        from layerscope.models.loading import peek_adapter
+
+        directory = peek_adapter(adapter, hub_cache, allow_download)
+        if directory is None:
+            raise ConfigError(f"config error: adapter.id: the files of {adapter.label} are not in the hub cache and "
+                              "cannot be downloaded; planning LoRA sites needs its adapter_config.json and weights")
+        return lora_modules(directory)
+    except ModelError as e:
+        raise ConfigError(f"config error: {e}") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"config error: adapter.id: cannot read the LoRA modules of {adapter.label}: {e}") from e
+
+
+def expand_lora_sites(settings: dict[int, dict[str, Any]], lora: dict[int, dict[str, list[int]]],
+                      names: str | list[str]) -> None:
+    """Turn ``lora_a`` / ``lora_delta`` into one site per adapted module of each layer (those
+    ``capture.lora_modules`` names), and check every module a site names."""
+    every = sorted({m for mods in lora.values() for m in mods})
+    if names != "all":
+        for name in names:
+            if not any(matches(m, name) for m in every):
+                raise ConfigError(f"config error: capture.lora_modules: {name!r} matches no module the adapter "
+                                  f"adapts ({', '.join(every) or 'none'})")
+    chosen = lambda m: names == "all" or any(matches(m, n) for n in names)  # noqa: E731
+    found = False
+    for L, v in settings.items():
+        mods = lora.get(L, {})
+        out = []
+        for s in v["sites"]:
+            kind, module = split_site(s)
+            if kind not in LORA_SITES:
+                out.append(s)
+            elif module is None:
+                out += [f"{kind}.{m}" for m in sorted(mods) if chosen(m)]
+            elif module in mods:
+                out.append(s)
+            else:
+                raise ConfigError(f"config error: capture.sites: {s}: layer {L} has no LoRA module {module!r} "
+                                  f"(adapted there: {', '.join(sorted(mods)) or 'none'})")
+        found |= any(split_site(s)[0] in LORA_SITES for s in out)
+        v["sites"] = list(dict.fromkeys(out))
+    if not found:
+        raise ConfigError("config error: capture.sites: the adapter adapts no module in the captured layers "
+                          f"that capture.lora_modules selects (adapted: {', '.join(every) or 'none'})")
+    for L, v in settings.items():
+        if not v["sites"]:
+            raise ConfigError(f"config error: capture.sites: layer {L} would capture nothing (no adapted "
+                              "module there); add a site or leave it out of capture.layers")
 
 
 def dumps_stable(obj: Any) -> str:

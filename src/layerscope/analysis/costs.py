@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from layerscope.models.architectures import site_width
 from layerscope.capture.chain import ST_DTYPES, part_examples
 from layerscope.config import Plan
+from layerscope.models.architectures import Widths
 from layerscope.store.shards import ALIGN
 from layerscope.store.layout import STORAGE_DTYPES, make_layout
 
@@ -88,6 +88,16 @@ def block_weight_bytes(plan: Plan, compute_bytes: int) -> dict[str, int]:
     return out
 
 
+def chain_widths(plan: Plan) -> set[int]:
+    """The widths the capture jobs cut example spans by: the model's, and every LoRA module's of its adapter."""
+    from layerscope.config import adapter_modules
+
+    lora = plan.lora
+    if lora is None and plan.adapter is not None:
+        lora = adapter_modules(plan.adapter, plan.model, plan.config["hub_cache"])
+    return Widths(plan.dims.hidden_size, plan.dims.intermediate_size, lora or {}).all()
+
+
 def window_tokens(offsets: np.ndarray, examples: int) -> int:
     """The most tokens any run of ``examples`` consecutive examples holds (a batch-by-length window)."""
     csum = np.asarray(offsets, dtype=np.int64)
@@ -116,8 +126,8 @@ def job_memory(plan: Plan, offsets: np.ndarray, compute_bytes: int, weights: dic
     out = {}
     for b in plan.blocks:
         staging = chunks = 0
-        for _, site, pos in plan.captures(b):
-            width = site_width(site, h, inter)
+        for layer, site, pos in plan.captures(b):
+            width = plan.widths.site(layer, site)
             lay = make_layout(n_ex if pos == "last" else n_tok, width, itemsize, cap["parts"], store["chunk_mib"],
                               store["shard_mib"])
             rows = min(cap["length_window"] * bs, n_ex) if pos == "last" else window
@@ -155,7 +165,7 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32", de
     for b in plan.blocks:
         for layer, site, pos in plan.captures(b):
             rows = n_ex if pos == "last" else n_tok
-            width = site_width(site, h, inter)
+            width = plan.widths.site(layer, site)
             lay = make_layout(rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
             nbytes = rows * width * itemsize
             arrays.append({"layer": layer, "site": site, "positions": pos, "rows": rows, "width": width,
@@ -164,7 +174,7 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32", de
     boundary_item = np.dtype(ST_DTYPES[compute_dtype][1]).itemsize
     part_tokens = []
     for p in range(cap["parts"]):
-        spans = part_examples(offsets, h, inter, cap["dtype"], cap["parts"], store, p)
+        spans = part_examples(offsets, chain_widths(plan), cap["dtype"], cap["parts"], store, p)
         part_tokens.append(sum(int(offsets[b] - offsets[a]) for a, b in spans))
     per_boundary = [t * h * boundary_item for t in part_tokens]
     n_boundaries = sum(b.writes_boundary for b in plan.blocks)

@@ -35,21 +35,21 @@ def boundary_path(results: str | os.PathLike, layer: int, part: int | str) -> Pa
     return Path(results) / "boundaries" / f"L{layer:02d}_part{part}.safetensors"
 
 
-def part_examples(offsets: np.ndarray, hidden: int, intermediate: int, dtype: str, parts: int,
+def part_examples(offsets: np.ndarray, widths: set[int], dtype: str, parts: int,
                   store_cfg: dict[str, Any], part: int) -> list[tuple[int, int]]:
     """The examples a part's jobs compute, whatever they capture: sorted, disjoint [start, end) ranges.
 
     A part of an array is a whole number of shards, so its rows can begin or end inside an
     example, and arrays of other widths or position modes split differently. Every job of a
     part computes the examples of every layout an array could have in this run (last or all
-    positions, hidden or intermediate width), so its boundary serves every job above it,
+    positions, each of ``widths``), so its boundary serves every job above it,
     including ones for layers or sites added later. The ranges are kept apart rather than
     spanned: a part's ``last`` rows and its ``all`` rows can lie far apart in the data set.
     """
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     itemsize = STORAGE_DTYPES[dtype].itemsize
     ranges = []
-    for width in {hidden, intermediate}:
+    for width in sorted(widths):
         for rows in (n_ex, n_tok):
             lay = make_layout(rows, width, itemsize, parts, store_cfg["chunk_mib"], store_cfg["shard_mib"])
             r0, r1 = lay.part_range(part)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from layerscope.capture import sites as S
 from layerscope.capture.chain import Boundary, BoundaryWriter, part_examples
 from layerscope.capture.journal import Journal, progress_dir
-from layerscope.models.architectures import site_width
+from layerscope.models.architectures import Widths
 from layerscope.config import Block, dumps_stable
 from layerscope.data.dataset import load_tokens
 from layerscope.errors import ModelError
@@ -200,7 +200,7 @@ class Router:
             sf.abort()
 
 
-def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], dims: dict[str, Any],
+def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], widths: Widths,
                 n_examples: int, n_tokens: int, part: int) -> list[ArrayJob]:
     """This part's share of every array in ``captures`` ((layer, site, positions) triples)."""
     st = params["store"]
@@ -208,7 +208,7 @@ def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], di
     jobs = []
     for layer, site, pos in captures:
         rows = n_examples if pos == "last" else n_tokens
-        width = site_width(site, dims["hidden_size"], dims["intermediate_size"])
+        width = widths.site(layer, site)
         lay = make_layout(rows, width, itemsize, params["parts"], st["chunk_mib"], st["shard_mib"])
         r0, r1 = lay.part_range(part)
         jobs.append(ArrayJob(layer, site, pos, lay, r0, r1))
@@ -286,9 +286,9 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     token_ids, offsets = load_tokens(dataset_dir)
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     root = Path(store_root)
-    jobs = plan_arrays(captures, params, m, n_ex, n_tok, part)
-    spans = part_examples(offsets, m["hidden_size"], m["intermediate_size"], params["dtype"], params["parts"],
-                          params["store"], part)
+    widths = Widths.of(manifest)
+    jobs = plan_arrays(captures, params, widths, n_ex, n_tok, part)
+    spans = part_examples(offsets, widths.all(), params["dtype"], params["parts"], params["store"], part)
     chain = Chain(manifest, params, offsets, spans, boundary_in, boundary_out)
     journal = Journal(progress_dir(root), f"{group or 'capture'}_part{part}",
                       progress_key(manifest, params, part, jobs, spans, boundary_in, boundary_out))

@@ -5,6 +5,8 @@ Sites, per decoder layer:
   attn_out    output of the attention block (after its output projection)
   mlp_out     output of the MLP block
   mlp_act     input of the MLP's down projection (the MLP's neurons)
+  lora_a.M    output of the LoRA A projection of adapted module M (the rank-r "LoRA neurons")
+  lora_delta.M  what the LoRA adds to M's output: scaling * B(A(x))
 
 Architectures whose MLP is not a submodule (OPT, XGLM: ``fc1``/``fc2`` straight on the decoder
 layer) take the MLP's output from ``fc2`` and its neurons from ``fc2``'s input. A sparse
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from layerscope.models.adapters import LORA_SITES, split_site
 from layerscope.models.architectures import SPARSE_MOE_HINT
 from layerscope.errors import ModelError
 
@@ -107,8 +110,45 @@ def _layer_mlp_hook(layer_module: nn.Module, down: nn.Module, site: str, sink: C
     return _Handles(pre, h)
 
 
+def _lora_hook(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None]):
+    """Hook the LoRA A (``lora_a``) or B (``lora_delta``, times the scaling) of an adapted module.
+
+    In eval mode the dropout before A is the identity, so A's output is the LoRA neurons'
+    activation. With the adapter disabled (a base variant) PEFT skips A and B: nothing fires.
+    """
+    kind, path = split_site(site)
+    try:
+        mod = layer_module.get_submodule(path)
+    except AttributeError:
+        raise ModelError(f"layer {layer}: no module {path!r} for site {site}") from None
+    names = list(getattr(mod, "active_adapters", None) or [])
+    if not names or not hasattr(mod, "lora_A") or names[0] not in mod.lora_A:
+        raise ModelError(f"layer {layer}: {path} carries no active LoRA adapter (site {site})")
+    name = names[0]
+    if getattr(mod, "use_dora", {}).get(name):
+        raise ModelError(f"layer {layer}: {path} is a DoRA module; its added output is not scaling * B(A(x))")
+    shape: list[torch.Size] = []
+
+    def remember(m, args, kwargs):  # a module fed flat tokens (OPT's fc2) gets its [batch, seq] back
+        x = args[0] if args else kwargs["hidden_states"]
+        shape[:] = [x.shape[:-1]]
+
+    def give(x: torch.Tensor) -> None:
+        sink(x.reshape(*shape[0], x.shape[-1]) if x.dim() == 2 else x)
+
+    pre = layer_module.register_forward_pre_hook(remember, with_kwargs=True)
+    if kind == "lora_a":
+        h = mod.lora_A[name].register_forward_hook(lambda m, a, o: give(o))
+    else:
+        scaling = mod.scaling[name]
+        h = mod.lora_B[name].register_forward_hook(lambda m, a, o: give(o * scaling))
+    return _Handles(pre, h)
+
+
 def attach(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None]):
     """Register a hook that passes the site's [batch, seq, width] tensor to ``sink``; returns the handle."""
+    if split_site(site)[0] in LORA_SITES:
+        return _lora_hook(layer_module, layer, site, sink)
     if site == "resid_post":
         return layer_module.register_forward_hook(lambda m, a, o: sink(first_tensor(o)))
     if site == "attn_out":

@@ -3,12 +3,39 @@ the config check can refuse a site before any job runs (see sites.py for the hoo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from layerscope.models.adapters import split_site
 
-def site_width(site: str, hidden: int, intermediate: int) -> int:
-    """Width of a site's rows: the MLP's neurons for mlp_act, the residual width for the others."""
-    return intermediate if site == "mlp_act" else hidden
+
+@dataclass(frozen=True)
+class Widths:
+    """Row widths of every site of a model (and its LoRA adapter, if any)."""
+
+    hidden: int
+    intermediate: int
+    lora: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # layer -> module -> [r, out]
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> "Widths":
+        """From a job manifest: the model's shape and the modules its adapter adapts."""
+        m, a = manifest["model"], manifest.get("adapter") or {}
+        return cls(m["hidden_size"], m["intermediate_size"],
+                   {int(k): v for k, v in (a.get("modules") or {}).items()})
+
+    def site(self, layer: int, site: str) -> int:
+        """Width of a site's rows: the MLP's neurons for mlp_act, the rank for lora_a, the module's
+        output for lora_delta, the residual width for the others."""
+        kind, module = split_site(site)
+        if module is not None:
+            r, out = self.lora[layer][module]
+            return r if kind == "lora_a" else out
+        return self.intermediate if site == "mlp_act" else self.hidden
+
+    def all(self) -> set[int]:
+        """Every width an array of this run could have (the chain's example spans cover all their layouts)."""
+        return {self.hidden, self.intermediate} | {w for mods in self.lora.values() for ro in mods.values() for w in ro}
 
 # Sparse mixture-of-experts models whose model_type does not say "moe".
 MOE_MODEL_TYPES = frozenset({

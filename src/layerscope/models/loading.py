@@ -79,6 +79,19 @@ def peek_config(ref: ModelRef, hub_cache: str | None = None, allow_download: boo
     return json.loads(Path(path).read_text())
 
 
+def peek_adapter(ref: ModelRef, hub_cache: str | None = None, allow_download: bool = True) -> Path | None:
+    """A hub adapter's directory with its config and weights (adapters are small), or None offline without it."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref.name, revision=ref.revision, cache_dir=hub_cache_dir(hub_cache),
+                                      allow_patterns=["adapter_config.json", "adapter_model*.safetensors"],
+                                      local_files_only=not allow_download or _offline()))
+    except Exception as e:  # not cached and offline, or no such repo
+        log.warning("could not read the adapter files of %s: %s", ref.name, e)
+        return None
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
@@ -206,6 +219,10 @@ def fetch(ref: ModelRef, dest: str | os.PathLike, hub_cache: str | None = None, 
         cfg = json.loads((directory / "adapter_config.json").read_text())
         info: dict[str, Any] = {"peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
                                 "target_modules": cfg.get("target_modules")}
+        if cfg.get("peft_type", "LORA") == "LORA":
+            from layerscope.models.adapters import lora_modules
+
+            info["modules"] = lora_modules(directory)
     else:
         if not (directory / "config.json").is_file():
             raise ModelError(f"model.id: {directory} has no config.json (not a Hugging Face model directory)")

@@ -1,0 +1,137 @@
+"""LoRA sites: the A projection's outputs and the module's added output, against a hand computation
+from the adapter's own weights; planning them from the adapter's files; refusing what cannot be."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.numpy import load_file
+
+from layerscope.config import build_plan
+from layerscope.errors import ConfigError
+from layerscope.models.adapters import lora_modules
+from tests.conftest import REPO, write_jsonl
+from tests.helpers import capture_store, make_params, prepare_texts
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def adapter_weights(adapter: dict) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    """{(layer, module): (A [r, in], B [out, r])} read straight from the adapter file."""
+    w = load_file(f"{adapter['path']}/adapter_model.safetensors")
+    out = {}
+    for k, v in w.items():
+        if ".lora_A." in k:
+            pre = k.split(".lora_A.")[0]
+            layer = int(pre.split(".layers.")[1].split(".")[0])
+            module = pre.split(f".layers.{layer}.")[1]
+            out[(layer, module)] = (v, w[k.replace("lora_A", "lora_B")])
+    return out
+
+
+def test_modules_read_from_the_header(lora_adapter):
+    mods = lora_modules(lora_adapter["path"])
+    w = adapter_weights(lora_adapter)
+    assert {(L, m) for L, ms in mods.items() for m in ms} == set(w)
+    for (L, m), (a, b) in w.items():
+        assert mods[L][m] == [a.shape[0], b.shape[0]]
+    assert {int(L): v for L, v in lora_adapter["modules"].items()} == mods  # what fetch records
+
+
+def test_lora_sites_equal_a_hand_computation(tmp_path, model_factory, lora_adapter):
+    """lora_a = x A^T and lora_delta = scaling x A^T B^T, where x is the module's input, taken here by
+    a plain hook on the module; every row of every example, through the chained capture."""
+    from layerscope.capture.sites import decoder_layers
+    from layerscope.models.loading import load_model
+
+    m = model_factory("llama-tiny")
+    manifest = {"model": m, "adapter": lora_adapter}
+    ds = prepare_texts(tmp_path, m)
+    w = adapter_weights(lora_adapter)
+    mods = sorted({mod for _, mod in w})
+    sites = [f"lora_a.{mod}" for mod in mods] + [f"lora_delta.{mod}" for mod in mods]
+    params = make_params({1: {"sites": sites, "positions": "all"}, 3: {"sites": sites[:2], "positions": "last"}},
+                         parts=2)
+    capture_store(tmp_path, manifest, params, ds, layers_per_job=2)
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "store.zarr"), mode="r")
+    model, _ = load_model(manifest, "cpu", "float32")
+    layers = decoder_layers(model, m["num_layers"])
+    scaling = 8 / 4  # builtin:lora: lora_alpha = 2 r
+    ids, offsets = np.load(ds / "token_ids.npy"), np.load(ds / "offsets.npy")
+    for layer, positions, layer_sites in ((1, "all", sites), (3, "last", sites[:2])):
+        got_in: dict[str, list[np.ndarray]] = {mod: [] for mod in mods}
+        hooks = [layers[layer].get_submodule(mod).register_forward_pre_hook(
+            lambda mo, a, mod=mod: got_in[mod].append(a[0][0].detach().numpy())) for mod in mods]
+        with torch.no_grad():
+            for e in range(len(offsets) - 1):
+                model(input_ids=torch.from_numpy(ids[offsets[e]:offsets[e + 1]].astype(np.int64))[None])
+        for h in hooks:
+            h.remove()
+        for site in layer_sites:
+            kind, mod = site.split(".", 1)
+            a, b = w[(layer, mod)]
+            xs = [x if positions == "all" else x[-1:] for x in got_in[mod]]
+            x = np.concatenate(xs)
+            want = x @ a.T if kind == "lora_a" else scaling * (x @ a.T) @ b.T
+            stored = g[f"layer_{layer:02d}/{site}"][:]
+            assert stored.shape == want.shape
+            np.testing.assert_allclose(stored, want, rtol=1e-4, atol=1e-5)
+
+
+def _config(tmp_path, adapter_id, sites, **capture):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello there"}])
+    cfg = {"run": "r", "model": {"id": "builtin:llama-tiny"}, "dataset": {"path": str(data)},
+           "capture": {"layers": [0, 2], "sites": sites, **capture}}
+    if adapter_id:
+        cfg["adapter"] = {"id": adapter_id}
+    return cfg
+
+
+def test_plan_expands_lora_sites_per_module(tmp_path, lora_adapter):
+    plan = build_plan(_config(tmp_path, lora_adapter["path"], ["resid_post", "lora_a"]), SCHEMA, tmp_path)
+    assert plan.settings[0]["sites"] == ["resid_post", "lora_a.mlp.down_proj", "lora_a.self_attn.q_proj",
+                                         "lora_a.self_attn.v_proj"]
+    plan = build_plan(_config(tmp_path, lora_adapter["path"], ["lora_delta"], lora_modules=["v_proj"]), SCHEMA,
+                      tmp_path)
+    assert plan.settings[2]["sites"] == ["lora_delta.self_attn.v_proj"]
+    assert plan.widths.site(2, "lora_delta.self_attn.v_proj") == 32  # v_proj's output: 2 kv heads x 16
+    assert plan.widths.site(2, "lora_a.self_attn.v_proj") == 4
+    # the built-in adapter is planned without being fetched
+    plan = build_plan(_config(tmp_path, "builtin:lora", ["lora_a.mlp.down_proj"]), SCHEMA, tmp_path)
+    assert plan.lora == lora_modules(lora_adapter["path"])
+
+
+@pytest.mark.parametrize("adapter,sites,capture,message", [
+    (None, ["lora_a"], {}, "lora_a and lora_delta are the sites of a LoRA adapter, and adapter: is null"),
+    ("A", ["lora_a.mlp.up_proj"], {}, "lora_a.mlp.up_proj: layer 0 has no LoRA module 'mlp.up_proj' "
+                                      "(adapted there: mlp.down_proj, self_attn.q_proj, self_attn.v_proj)"),
+    ("A", ["lora_a"], {"lora_modules": ["gate_proj"]}, "capture.lora_modules: 'gate_proj' matches no module"),
+    ("A", ["lora_b"], {}, "capture.sites[0]: 'lora_b' is not a site"),
+])
+def test_bad_lora_config_is_one_message(tmp_path, lora_adapter, adapter, sites, capture, message):
+    with pytest.raises(ConfigError) as e:
+        build_plan(_config(tmp_path, adapter and lora_adapter["path"], sites, **capture), SCHEMA, tmp_path)
+    assert message in str(e.value)
+
+
+def test_workflow_captures_lora_sites_of_the_builtin_adapter(tmp_path):
+    from tests.conftest import copy_inputs, run_snakemake
+
+    wd = copy_inputs(tmp_path)
+    cfg = yaml.safe_load((wd / "config" / "config.yaml").read_text())
+    cfg["adapter"] = {"id": "builtin:lora"}
+    cfg["capture"] |= {"sites": ["resid_post", "lora_a", "lora_delta"], "lora_modules": ["down_proj"],
+                       "layers": [1, 2]}
+    (wd / "config" / "lora.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_snakemake(wd, "--cores", "2", configfile=wd / "config" / "lora.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import layerscope
+
+    run = layerscope.open(wd / "results" / "demo")
+    assert {(L, s) for L, s in run.arrays} >= {(1, "lora_a.mlp.down_proj"), (2, "lora_delta.mlp.down_proj")}
+    assert run.activations(1, "lora_a.mlp.down_proj").width == 4
+    assert run.activations(2, "lora_delta.mlp.down_proj").width == 64
