@@ -41,3 +41,6 @@ for _block in PLAN.blocks:
             "../../environment.yml"
         script:
             "../scripts/capture.py"
+
+
+apply_capture_overrides([f"capture_{b.name}" for b in PLAN.blocks])

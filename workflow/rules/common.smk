@@ -3,6 +3,7 @@ from pathlib import Path
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.resources import Resources
 
 try:
     from layerscope.capture.chain import boundary_path
@@ -123,5 +124,23 @@ def source_params(key):
 
 
 def capture_threads():
-    """Threads of a capture job: capture.threads, else every core Snakemake may use."""
-    return config["capture"]["threads"] or workflow.cores or os.cpu_count()
+    """Threads of a capture job: capture.threads, else every core Snakemake may use (--cores;
+    inside a cluster job, the cores it was given). A cluster executor has no --cores: there the
+    profile sets the threads (set-threads for `capture`), else a job asks for one core."""
+    cores = workflow.resource_settings.cores
+    return config["capture"]["threads"] or (cores if cores and cores != sys.maxsize else 1)
+
+
+def apply_capture_overrides(names):
+    """A profile's set-resources and set-threads name rules, but capture rules are named by
+    their blocks (capture_L00-07, ...), which change with the model and layers_per_job: what
+    is set for `capture` applies to every capture rule, before what is set for its own name."""
+    settings = workflow.resource_settings
+    group = Resources.from_mapping(settings.overwrite_resources.get("capture", {}))
+    threads = settings.overwrite_threads.get("capture")
+    for name in names:
+        r = workflow.get_rule(name)
+        r.resources.update(group)
+        r.resources.update(Resources.from_mapping(settings.overwrite_resources.get(name, {})))
+        if threads is not None and name not in settings.overwrite_threads:
+            r.resources["_cores"] = threads
