@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from layerscope.capture.run import padding, plan_windows, run_capture
+from layerscope.capture.batches import padding, plan_windows
+from layerscope.capture.run import run_capture
 from layerscope.data.dataset import _save_npy
 from layerscope.models.loading import fetch, load_model, parse_ref
 

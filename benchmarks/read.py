@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import zarr
 
-from layerscope.capture.run import ArrayJob, BufferPool, Router
+from layerscope.capture.router import ArrayJob, BufferPool, Router
 from layerscope.store.reader import Activations, PartMarkers
 from layerscope.store.shards import chunk_encoder
 from layerscope.store.layout import array_metadata, make_layout

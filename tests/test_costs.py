@@ -55,7 +55,7 @@ def test_window_rows_bound_what_a_job_holds(model_factory, tmp_path, monkeypatch
     """Batching by length holds each array's rows of a window until its chunks are complete: never
     more than the plan's window rows plus a few chunks per array."""
     from layerscope.analysis.costs import window_tokens
-    from layerscope.capture.run import BufferPool
+    from layerscope.capture.router import BufferPool
     from layerscope.data.dataset import load_tokens
     from tests.helpers import capture_store, make_params, prepare_texts
 

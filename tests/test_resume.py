@@ -202,7 +202,7 @@ def test_workflow_reruns_a_killed_capture_job_from_its_progress(tmp_path):
 
 
 def test_batching_by_length_is_the_hand_count(setup):
-    from layerscope.capture.run import padding, plan_windows
+    from layerscope.capture.batches import padding, plan_windows
 
     tmp, manifest, params, dataset, *_ = setup
     _, offsets = load_tokens(dataset)

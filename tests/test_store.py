@@ -12,7 +12,7 @@ import zarr
 import layerscope
 import torch
 
-from layerscope.capture.run import ArrayJob, BufferPool, Router
+from layerscope.capture.router import ArrayJob, BufferPool, Router
 from layerscope.store.shards import ShardFile, ShardMap, chunk_encoder
 from layerscope.errors import IncompleteRunError
 from layerscope.store.layout import array_metadata, check_complete, make_layout
@@ -119,7 +119,9 @@ def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monk
     ds = prepare_texts(tmp_path, m)
     params = make_params({0: {"sites": ["resid_post"], "positions": "all"}}, parts=1,
                          chunk_mib=64 * 2 * 8 / 2**20, shard_mib=64 * 2 * 8 / 2**20)  # 8-row shards: many writes
-    orig = cap.ShardFile.append
+    from layerscope.store.shards import ShardFile
+
+    orig = ShardFile.append
     count = itertools.count()
 
     def flaky(self, chunk):
@@ -127,7 +129,7 @@ def test_writer_error_fails_capture_without_marker(tmp_path, model_factory, monk
             raise OSError("No space left on device")  # the 4th chunk write fails inside the writer thread
         orig(self, chunk)
 
-    monkeypatch.setattr(cap.ShardFile, "append", flaky)
+    monkeypatch.setattr(ShardFile, "append", flaky)
     with pytest.raises(RuntimeError, match="writing a shard failed: OSError: No space left"):
         capture_store(tmp_path, {"model": m, "adapter": None}, params, ds)
     assert not [p for p in (tmp_path / "store.zarr").rglob("*") if ".tmp-" in p.name]

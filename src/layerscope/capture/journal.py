@@ -36,7 +36,7 @@ class Journal:
     def __init__(self, directory: str | os.PathLike, name: str, key: dict[str, Any]) -> None:
         self.dir = Path(directory)
         self.path = self.dir / f"{name}.jsonl"
-        self.boundary = self.dir / f"{name}.boundary"
+        self.name = name
         self.key = json.loads(json.dumps(key))  # as it reads back from the file
         self.shards: dict[str, dict[int, dict[str, int]]] = {}  # array -> shard -> value counts
         self.batches = 0
@@ -92,6 +92,10 @@ class Journal:
         """The boundary holds the rows of the first ``n`` batches."""
         self._append({"batches": n})
 
+    def partial(self, variant: str) -> Path:
+        """Where a variant's outgoing boundary is written until complete."""
+        return self.dir / f"{self.name}.{variant}.boundary"
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -101,7 +105,8 @@ class Journal:
         """The job finished: its outputs say everything the journal did."""
         self.close()
         self.path.unlink(missing_ok=True)
-        self.boundary.unlink(missing_ok=True)
+        for f in self.dir.glob(f"{self.name}.*.boundary"):
+            f.unlink(missing_ok=True)
         try:
             self.dir.rmdir()
         except OSError:  # other jobs' progress is still there
