@@ -129,18 +129,8 @@ def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_column
 
 
 def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int, neurons_per_layer: int,
-                     output_tokens: int, token_examples: list[int], manifest: dict[str, Any]) -> dict[str, Any]:
+                     output_tokens: int, token_examples: list[int], unembed: Any) -> dict[str, Any]:
     """Index statistics of every neuron of ``site``, and cards for ``neurons_per_layer`` per layer."""
-    unembed, note = None, None
-    if site == "mlp_act" and output_tokens > 0:
-        from layerscope.analysis.unembed import Unembedding
-
-        try:
-            unembed = Unembedding(manifest)
-        except (OSError, ValueError, KeyError) as e:  # odd checkpoint layouts: say so, keep the rest
-            note = f"No output tokens: the unembedding could not be read from the checkpoint ({e})."
-    elif site != "mlp_act":
-        note = f"No output tokens: they are defined for mlp_act neurons, not {site}."
     counts = np.array([b - a for a, b in run.splits.values()])
     layers: dict[str, Any] = {}
     token_top: dict[str, Any] = {}
@@ -179,24 +169,47 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
             token_top[str(L)] = {"ids": ids, "values": vals}
         layers[str(L)] = out
     return {"site": site, "k": top_k, "context": context, "bins": HIST_BINS, "cards_per_layer": neurons_per_layer,
-            "layers": layers, "token_top": token_top, "output_note": note}
+            "layers": layers, "token_top": token_top}
 
 
 def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int = 8, neurons_per_layer: int = 64,
               heatmap_examples: int = 20, example_columns: int = 512, output_tokens: int = 10,
               budget_mib: float = 10, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Build the dashboard's summary dict (its shape: layerscope.web.page). ``budget_mib`` is the
-    page's, applied when the page is written; it is recorded here so the page can name it."""
+    """Build the dashboard's summary dict for a finished run directory (its shape: layerscope.web.page).
+    ``budget_mib`` is the page's, applied when the page is written; recorded here for it."""
     from layerscope.data.tokens import load_decoder
     from layerscope.fileio import read_json
 
     run = Run(run_dir)
-    md = run.metadata
     manifest = read_json(run.path / "model" / "manifest.json")
     adapter_json = run.path / "model" / "adapter.json"
     if adapter_json.is_file():
         manifest = {**manifest, "adapter": read_json(adapter_json).get("adapter")}
-    texts = Texts(run, load_decoder(manifest, trust_remote_code))
+    unembed, note = None, None
+    if site == "mlp_act" and output_tokens > 0:
+        from layerscope.analysis.unembed import Unembedding
+
+        try:
+            unembed = Unembedding(manifest)
+        except (OSError, ValueError, KeyError) as e:  # an odd checkpoint layout: say so, keep the rest
+            note = f"No output tokens: the unembedding could not be read from the checkpoint ({e})."
+    elif site != "mlp_act":
+        note = f"No output tokens: they are defined for mlp_act neurons, not {site}."
+    else:
+        note = "No output tokens: dashboard.output_tokens is 0."
+    return build_summary(run, load_decoder(manifest, trust_remote_code), unembed, site=site, top_k=top_k,
+                         context=context, neurons_per_layer=neurons_per_layer, heatmap_examples=heatmap_examples,
+                         example_columns=example_columns, output_tokens=output_tokens, budget_mib=budget_mib,
+                         output_note=note)
+
+
+def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, context: int, neurons_per_layer: int,
+                  heatmap_examples: int, example_columns: int, output_tokens: int, budget_mib: float,
+                  output_note: str | None = None) -> dict[str, Any]:
+    """The summary of ``run`` (a Run, or anything with its interface), token texts from ``decoder``,
+    output tokens from ``unembed`` (an analysis.unembed.Unembedding, or None)."""
+    md = run.metadata
+    texts = Texts(run, decoder)
     notes = {"heatmap": missing_heatmap(run, heatmap_examples), "neurons": missing_neurons(run, site)}
     for note in notes.values():
         if note:
@@ -206,8 +219,8 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
     neurons = None
     if notes["neurons"] is None:
         neurons = neuron_summaries(run, texts, site, top_k, context, neurons_per_layer, output_tokens,
-                                   token_examples, manifest)
-        notes["output_tokens"] = neurons.pop("output_note")
+                                   token_examples, unembed)
+        notes["output_tokens"] = output_note if unembed is None else None
     adapter = md.get("adapter")
     meta = {"model": md["model_name"], "revision": md.get("model_revision"),
             "adapter": adapter["name"] if adapter else None, "dataset": md["dataset_name"],
