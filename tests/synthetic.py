@@ -56,7 +56,8 @@ class SyntheticRun:
     ``neurons``) for ``examples`` examples of ``tokens`` tokens in two splits."""
 
     def __init__(self, layers: int = 32, neurons: int = 2048, hidden: int = 256, examples: int = 64,
-                 tokens: int = 64, vocab: int = 500, positions: str = "all", seed: int = 0) -> None:
+                 tokens: int = 64, vocab: int = 500, positions: str = "all", seed: int = 0,
+                 split_names: tuple[str, str] = ("A", "B"), id_prefix: str = "ex", model_name: str = "synthetic") -> None:
         self.n_layers, self.neurons, self.hidden, self.vocab, self.seed = layers, neurons, hidden, vocab, seed
         rng = np.random.default_rng(seed)
         lengths = rng.integers(tokens // 2, tokens + 1, size=examples)
@@ -65,11 +66,11 @@ class SyntheticRun:
         self.positions = positions
         self.path = Path("synthetic-32")
         half = examples // 2
-        self.splits = {"A": (0, half), "B": (half, examples)}
-        self.examples = [{"id": f"ex{i}", "split": "A" if i < half else "B"} for i in range(examples)]
+        self.splits = {split_names[0]: (0, half), split_names[1]: (half, examples)}
+        self.examples = [{"id": f"{id_prefix}{i}", "split": split_names[i >= half]} for i in range(examples)]
         self.arrays = [(L, s) for L in range(layers) for s in ("resid_post", "attn_out", "mlp_out", "mlp_act")]
         self.sites = ["resid_post", "attn_out", "mlp_out", "mlp_act"]
-        self.metadata = {"model_name": "synthetic", "dataset_name": "synthetic", "total_examples": examples,
+        self.metadata = {"model_name": model_name, "dataset_name": "synthetic", "total_examples": examples,
                          "total_tokens": int(self.offsets[-1]), "num_layers": layers, "hidden_dim": hidden,
                          "dtype": "float16", "created": "", "layerscope_version": "test", "adapter": None,
                          "splits": {s: {"examples": b - a} for s, (a, b) in self.splits.items()}}
@@ -96,10 +97,22 @@ def tokenizer(vocab: int = 500) -> Any:
     return train_tokenizer(vocab)
 
 
-def synthetic_summary(budget_mib: float = 10, neurons_per_layer: int = 64, **run: Any) -> dict[str, Any]:
+class PiecesDecoder:
+    """A decoder whose token i is ``pieces[i % len(pieces)]`` (strings a page must show as text)."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids, **_: Any) -> str:
+        return "".join(self.pieces[int(i) % len(self.pieces)] for i in ids)
+
+
+def synthetic_summary(budget_mib: float = 10, neurons_per_layer: int = 64, decoder: Any = None,
+                      **run: Any) -> dict[str, Any]:
     from layerscope.analysis.summaries import build_summary
 
     r = SyntheticRun(**run)
-    return build_summary(r, tokenizer(r.vocab), SyntheticUnembedding(r.vocab), site="mlp_act", top_k=10, context=8,
+    decoder = decoder or tokenizer(r.vocab)
+    return build_summary(r, decoder, SyntheticUnembedding(r.vocab), site="mlp_act", top_k=10, context=8,
                          neurons_per_layer=neurons_per_layer, heatmap_examples=20, example_columns=512,
                          output_tokens=10, budget_mib=budget_mib)

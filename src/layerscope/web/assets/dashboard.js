@@ -283,7 +283,9 @@ const openCell = td => {
     $('cell-links-title').textContent = 'Neurons of ' + N.site + ' most active at this token, layer ' + L + ':';
     ids.forEach((n, i) => {
       const a = el('a', {href: hashOf({L: L, n: n}), 'data-n': String(n)}, 'neuron ' + n + ' (' + fmt(vals[i]) + ')');
-      ul.append(el('li', {}, undefined)).append(a);
+      const li = el('li');
+      li.append(a);
+      ul.append(li);
     });
     ul.querySelector('a').focus();
   } else if (S.v === 'examples') {
@@ -488,7 +490,7 @@ const drawCard = () => {
   const rankSel = (() => { let r = 1; for (let i = 0; i < Ld.sel.length; i++) if (Math.abs(Ld.sel[i]) > Math.abs(Ld.sel[n])) r++; return r; })();
   const items = [['max', fmt(Ld.max[n])], ['min', fmt(Ld.min[n])], ['mean', fmt(Ld.mean[n])], ['sd', fmt(Ld.sd[n])]];
   if (splits.length > 1) items.push(['selectivity', fmt(Ld.sel[n]) + ' for ' + splits[Ld.best[n]]], ['selectivity rank', rankSel + ' of ' + Ld.sel.length]);
-  for (const [k, v] of items) { const d = el('div'); d.append(el('b', {}, k + ' '), document.createTextNode(v)); stats.append(d); }
+  for (const [k, v] of items) { const d = el('div'); d.append(el('span', {class: 'k'}, k + ' '), document.createTextNode(v)); stats.append(d); }
   card.append(stats);
   // per-split means
   card.append(el('h3', {}, 'Mean per split'));
@@ -497,7 +499,7 @@ const drawCard = () => {
   splits.forEach((s, i) => { big = Math.max(big, Math.abs(row(Ld.split_mean, i)[n]) || 0); });
   splits.forEach((s, i) => {
     const v = row(Ld.split_mean, i)[n], line = el('div', {'data-split': s});
-    const bar = el('i'); bar.style.width = (big > 0 ? Math.abs(v) / big * 160 : 0).toFixed(1) + 'px';
+    const bar = el('span', {class: 'bar'}); bar.style.width = (big > 0 ? Math.abs(v) / big * 160 : 0).toFixed(1) + 'px';
     if (v < 0) bar.style.background = '#c0504d';
     line.append(el('span', {}, s), bar, el('span', {class: 'v'}, fmt(v)));
     bars.append(line);
@@ -511,32 +513,27 @@ const drawCard = () => {
   // histogram over every value of the neuron
   const counts = row(Ld.hist, c), lo = Ld.hist_lo[c], hi = Ld.hist_hi[c];
   card.append(el('h3', {}, 'Activation histogram (' + (Ld.positions === 'all' ? 'every token' : 'every example') + ')'));
-  const svgNS = 'http://www.w3.org/2000/svg', svg = document.createElementNS(svgNS, 'svg');
-  const HW = 320, HH = 80, maxc = Math.max(1, ...counts);
-  svg.setAttribute('width', String(HW)); svg.setAttribute('height', String(HH + 16)); svg.setAttribute('role', 'img');
-  svg.setAttribute('aria-label', 'histogram of ' + counts.length + ' bins from ' + fmt(lo) + ' to ' + fmt(hi) + ', tallest ' + maxc);
-  svg.setAttribute('id', 'hist');
+  // bars as plain elements: one per bin, height proportional to its count
+  const maxc = Math.max(1, ...counts), hist = el('div', {id: 'hist', role: 'img',
+    'aria-label': 'histogram of ' + counts.length + ' bins from ' + fmt(lo) + ' to ' + fmt(hi) + ', tallest ' + maxc});
+  const bins = el('div', {class: 'bins'});
   counts.forEach((k, i) => {
-    const r = document.createElementNS(svgNS, 'rect'), w = HW / counts.length, h = k > 0 ? Math.max(1, k / maxc * HH) : 0;
-    r.setAttribute('x', (i * w).toFixed(1)); r.setAttribute('y', (HH - h).toFixed(1)); r.setAttribute('width', (w - 1).toFixed(1));
-    r.setAttribute('height', h.toFixed(1)); r.setAttribute('fill', '#5b6abf');
-    const t = document.createElementNS(svgNS, 'title');
-    t.textContent = fmt(lo + (hi - lo) * i / counts.length) + ' to ' + fmt(lo + (hi - lo) * (i + 1) / counts.length) + ': ' + k;
-    r.append(t); svg.append(r);
+    const b = el('span', {class: 'bin', title: fmt(lo + (hi - lo) * i / counts.length) + ' to '
+      + fmt(lo + (hi - lo) * (i + 1) / counts.length) + ': ' + k});
+    b.style.height = (k > 0 ? Math.max(1, k / maxc * 80) : 0).toFixed(1) + 'px';
+    bins.append(b);
   });
-  for (const [x, anchor, v] of [[0, 'start', lo], [HW, 'end', hi]]) {
-    const t = document.createElementNS(svgNS, 'text');
-    t.setAttribute('x', String(x)); t.setAttribute('y', String(HH + 13)); t.setAttribute('text-anchor', anchor); t.setAttribute('font-size', '10');
-    t.textContent = fmt(v); svg.append(t);
-  }
-  card.append(svg);
+  const axis = el('div', {class: 'axis'});
+  axis.append(el('span', {}, fmt(lo)), el('span', {}, fmt(hi)));
+  hist.append(bins, axis);
+  card.append(hist);
   // output tokens through the unembedding
   card.append(el('h3', {}, 'Output tokens (direct path through the unembedding, logit change per unit of activation)'));
   if (Ld.out_up) {
     const out = el('div', {class: 'out'});
     for (const [label, ids, vals] of [['promotes', Ld.out_up, Ld.out_up_v], ['suppresses', Ld.out_down, Ld.out_down_v]]) {
       const box = el('div', {'data-kind': label}), ol = el('ol');
-      box.append(el('b', {}, label));
+      box.append(el('span', {class: 'k'}, label));
       row(ids, c).forEach((t, i) => { const li = el('li'); li.append(el('span', {class: 'tok'}, show(D.texts[t])), document.createTextNode(' ' + fmt(row(vals, c)[i]))); ol.append(li); });
       box.append(ol); out.append(box);
     }
