@@ -316,7 +316,7 @@ const setupHeat = () => {
   const change = (id, key, num) => $(id).addEventListener('change', () => {
     S[key] = $(id).type === 'checkbox' ? ($(id).checked ? 1 : 0) : num ? Number($(id).value) : $(id).value;
     if (key !== 'm' && key !== 'd') S.c = '0.0';
-    render();
+    renderHeat();
   });
   change('heat-site', 's'); change('heat-view', 'v'); change('heat-example', 'x', true); change('heat-a', 'a', true);
   change('heat-b', 'b', true); change('heat-diff', 'd'); change('heat-norm', 'm');
@@ -595,7 +595,7 @@ const setupNeurons = () => {
   }
   $('neuron-title').textContent = 'Neurons of ' + N.site;
   nLayers.forEach(L => $('n-layer').append(el('option', {value: L}, 'Layer ' + L)));
-  $('n-layer').addEventListener('change', () => { S.L = $('n-layer').value; S.n = -1; render(); });
+  $('n-layer').addEventListener('change', () => { S.L = $('n-layer').value; S.n = -1; renderNeurons(); });
   $('n-search').addEventListener('input', () => { S.q = $('n-search').value; saveHash(); drawIndex(); });
   $('n-sort').addEventListener('change', () => { S.o = $('n-sort').value; saveHash(); drawIndex(); });
   const idx = $('n-index');
@@ -634,12 +634,17 @@ const syncNeuronControls = () => {
 // ---- one render from the state; the hash is rewritten, links push new entries ----
 const hasHeat = setupHeat(), hasNeurons = setupNeurons();
 setupThree();
-const render = () => {
+// Each control redraws only its own panel; a hash change (a followed link, Back) redraws all.
+function renderHeat() {
   if (hasHeat) { syncHeatControls(); drawHeat(); $('three-order').value = S.t; drawThree(); }
   else { $('three-body').hidden = true; $('three-missing').hidden = false; $('three-missing').textContent = 'No 3D view: it needs the heatmaps\u2019 norms.'; }
+  saveHash();
+}
+function renderNeurons() {
   if (hasNeurons) { syncNeuronControls(); drawIndex(); drawCard(); }
   saveHash();
-};
+}
+const render = () => { renderHeat(); renderNeurons(); };
 readHash();
 render();
 window.addEventListener('hashchange', () => {
