@@ -240,3 +240,23 @@ def test_missing_inputs_are_named_with_their_config_keys(tmp_path, model_factory
     s = summarize(run, site="attn_out", top_k=3, heatmap_examples=0)
     assert s["neurons"]["site"] == "attn_out" and "mlp_act" in s["notes"]["output_tokens"]
     assert len(s["neurons"]["layers"]["0"]["max"]) == 64 and "out_up" not in s["neurons"]["layers"]["0"]
+
+
+def test_summarize_reads_weights_without_torch(demo, tmp_path):
+    """Output tokens come from the safetensors files directly: the summarize job imports no torch."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import json, sys; from layerscope.steps import summarize; "
+            f"summarize({str(demo / 'results/demo')!r}, {{'top_k': 3, 'neurons_per_layer': 4}}, 'out.json'); "
+            "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers'))))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+    s = unpack(json.loads((tmp_path / "out.json").read_text()))
+    assert s["neurons"]["layers"]["0"]["out_up"].shape == (4, 10)
