@@ -121,6 +121,11 @@ def test_budget_cuts_and_says_so():
         assert L["entries"]["doc"].max() < len(docs["example"]) and L["entries"]["card"].max() < len(L["cards"])
 
 
+def test_an_older_summary_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="-R summarize"):
+        render_html({"title": "t", "meta": {}, "texts": [], "docs": [], "heatmap": None, "neurons": None})
+
+
 def test_write_is_atomic(tmp_path, hostile_summary):
     target = tmp_path / "a" / "index.html"
     size = write_dashboard(pack(hostile_summary), target)

@@ -57,11 +57,14 @@ def _document(title: str, data: str) -> str:
 def render_html(summary: dict[str, Any], budget_mib: float | None = None) -> str:
     """The page for ``summary``, cut to ``budget_mib`` (default: the summary's own, else 10 MiB)."""
     s = unpack(summary)
+    if s.get("version") != 2:
+        raise ValueError("summary.json was written by an older LayerScope; re-create it "
+                         "(snakemake --cores 1 -R summarize)")
     limit = budget_mib if budget_mib is not None else s.get("budget_mib") or 10
     base = len(_document(str(s.get("title", "")), "").encode("utf-8"))
     s["page"] = {}
     size = lambda x: base + len(embed_json(x).encode("utf-8"))  # noqa: E731
-    s["page"] = budget.fit(s, size, int(limit * MIB)) if "norms" in s else {"cut": [], "over": False}
+    s["page"] = budget.fit(s, size, int(limit * MIB))
     s["page"]["budget_mib"] = limit
     return _document(str(s.get("title") or "LayerScope"), embed_json(s))
 
