@@ -260,3 +260,39 @@ def test_summarize_reads_weights_without_torch(demo, tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
     s = unpack(json.loads((tmp_path / "out.json").read_text()))
     assert s["neurons"]["layers"]["0"]["out_up"].shape == (4, 10)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+@pytest.mark.parametrize("shard_rows", [7, 64, 1000])
+def test_scan_matches_numpy_across_shards_and_nonfinite_values(positions, shard_rows):
+    """Per-example top/bottom k, statistics and split means, with examples cut by shard boundaries
+    and NaN/inf values (left out of every statistic)."""
+    from types import SimpleNamespace
+
+    from layerscope.analysis.neurons import scan
+    from tests.synthetic import SyntheticActivations
+
+    rng = np.random.default_rng(shard_rows)
+    lengths = rng.integers(1, 12, size=30)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rows = offsets[-1] if positions == "all" else 30
+    x = rng.standard_normal((rows, 9)).astype(np.float32)
+    x[3, 0], x[5, 1], x[8, 2] = np.nan, np.inf, -np.inf
+    x[:, 3] = 1.0  # every example ties
+    run = SimpleNamespace(offsets=offsets, splits={"a": (0, 13), "b": (13, 30)})
+    sc = scan(run, SyntheticActivations(x, offsets, positions, shard_rows), k=4)
+    xm = np.where(np.isfinite(x), x, np.nan)
+    span = (lambda a, b: (offsets[a], offsets[b])) if positions == "all" else (lambda a, b: (a, b))
+    np.testing.assert_allclose(sc.max, np.nanmax(xm, 0))
+    np.testing.assert_allclose(sc.mean, np.nanmean(xm, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sc.sd, np.nanstd(xm, 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sc.split_mean, [np.nanmean(xm[slice(*span(0, 13))], 0),
+                                               np.nanmean(xm[slice(*span(13, 30))], 0)], rtol=1e-5, atol=1e-6)
+    per_ex = np.array([np.nanmax(xm[slice(*span(e, e + 1))], 0) for e in range(30)])
+    per_ex_min = np.array([np.nanmin(xm[slice(*span(e, e + 1))], 0) for e in range(30)])
+    for n in range(9):
+        want = np.lexsort((np.arange(30), -per_ex[:, n]))[:4]  # highest first, ties by example
+        np.testing.assert_array_equal(sc.top_e[n], want)
+        np.testing.assert_allclose(sc.top_v[n], per_ex[want, n])
+        want = np.lexsort((np.arange(30), per_ex_min[:, n]))[:4]
+        np.testing.assert_array_equal(sc.bot_e[n], want)
