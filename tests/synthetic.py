@@ -57,7 +57,8 @@ class SyntheticRun:
 
     def __init__(self, layers: int = 32, neurons: int = 2048, hidden: int = 256, examples: int = 64,
                  tokens: int = 64, vocab: int = 500, positions: str = "all", seed: int = 0,
-                 split_names: tuple[str, str] = ("A", "B"), id_prefix: str = "ex", model_name: str = "synthetic") -> None:
+                 split_names: tuple[str, str] = ("A", "B"), id_prefix: str = "ex",
+                 model_name: str = "synthetic") -> None:
         self.n_layers, self.neurons, self.hidden, self.vocab, self.seed = layers, neurons, hidden, vocab, seed
         rng = np.random.default_rng(seed)
         lengths = rng.integers(tokens // 2, tokens + 1, size=examples)

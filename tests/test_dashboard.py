@@ -228,7 +228,8 @@ def test_demo_page_structure_offline(browser, demo_page, run, summary):
     # colour bar with units; global scale: 0 to the largest norm in the view
     norms = [np.linalg.norm(run.activations(L, "resid_post")[e0].astype(np.float64), axis=1) for L in range(4)]
     assert p.text_content("#cb-unit") == "L2 norm of resid_post"
-    assert close(float(p.text_content("#cb-lo")), 0) and close(float(p.text_content("#cb-hi")), max(n.max() for n in norms))
+    assert close(float(p.text_content("#cb-lo")), 0)
+    assert close(float(p.text_content("#cb-hi")), max(n.max() for n in norms))
     assert p.locator("#cb-ticks span").count() == 5
     assert [o for o in p.locator("#heat-site option").all_text_contents()] == ["resid_post", "attn_out", "mlp_out"]
     assert p.locator("#heat-example option").count() == 19
@@ -345,7 +346,8 @@ def test_links_cell_to_neuron_card_and_back_to_the_example(browser, demo_page, r
     for k, want in (("max", xa.max()), ("min", xa.min()), ("mean", xa.mean()), ("sd", xa.std())):
         assert close(float(stats[k]), want), k
     split_vals = p.locator("#n-card .bars .v").all_text_contents()
-    assert close(float(split_vals[0]), xa[:run.offsets[9]].mean()) and close(float(split_vals[1]), xa[run.offsets[9]:].mean())
+    assert close(float(split_vals[0]), xa[:run.offsets[9]].mean())
+    assert close(float(split_vals[1]), xa[run.offsets[9]:].mean())
     # top entries: one per example, value at the marked token
     entries = p.locator("#n-card ul[data-kind=top] li.entry")
     labels = entries.evaluate_all("es => es.map(e => e.getAttribute('aria-label'))")

@@ -92,7 +92,8 @@ def test_cards_one_entry_per_example_with_context(summary, run):
     k, ctx = nz["k"], nz["context"]
     d = nz["layers"]["2"]
     x = run.activations(2, "mlp_act").numpy().astype(np.float32)
-    assert len(d["cards"]) == min(256, d["width"]) > 0 and len(set(d["cards"].tolist())) == len(d["cards"])  # neurons_per_layer
+    assert len(d["cards"]) == min(256, d["width"]) > 0  # dashboard.neurons_per_layer
+    assert len(set(d["cards"].tolist())) == len(d["cards"])
     ex_of_doc = summary["examples"]["index"][summary["docs"]["example"]]
     per_ex_max = np.array([x[run.offsets[e]:run.offsets[e + 1]].max(0) for e in range(len(run))])
     per_ex_min = np.array([x[run.offsets[e]:run.offsets[e + 1]].min(0) for e in range(len(run))])
@@ -204,8 +205,9 @@ def small_run(tmp_path, model_factory, layers: dict, texts=None) -> str:
 def test_last_position_run_gets_a_layer_x_example_view(tmp_path, model_factory):
     from layerscope.analysis.summaries import summarize
 
-    run_dir = small_run(tmp_path, model_factory, {0: {"sites": ["resid_post", "mlp_out", "mlp_act"], "positions": "last"},
-                                                  1: {"sites": ["resid_post", "mlp_act"], "positions": "last"}})
+    run_dir = small_run(tmp_path, model_factory,
+                        {0: {"sites": ["resid_post", "mlp_out", "mlp_act"], "positions": "last"},
+                         1: {"sites": ["resid_post", "mlp_act"], "positions": "last"}})
     s = summarize(run_dir, top_k=3, context=2)
     run = layerscope.open(run_dir)
     assert "layer x example view" in s["notes"]["heatmap"] and "capture.positions: all" in s["notes"]["heatmap"]

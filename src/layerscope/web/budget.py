@@ -121,7 +121,7 @@ def _steps(s: dict[str, Any]) -> list[tuple[str, Callable[[], bool]]]:
         cut_token_examples(s, max(2, n // 2))
         return True
 
-    return [("neuron cards", halve_cards(8)), ("top-neuron links of heatmap cells", drop_token_top),
+    return [("neuron cards", halve_cards(8)), ("layers with top-neuron links of heatmap cells", drop_token_top),
             ("layer x example columns", halve_columns), ("token x layer examples", halve_token_examples),
             ("neuron cards", halve_cards(0))]
 
@@ -130,7 +130,7 @@ def counts(s: dict[str, Any]) -> dict[str, int]:
     """What a reader sees the page hold, for the message about cuts."""
     layers = (s.get("neurons") or {}).get("layers", {})
     return {"neuron cards": sum(_cards(L) for L in layers.values()),
-            "top-neuron links of heatmap cells": len((s.get("neurons") or {}).get("token_top") or {}),
+            "layers with top-neuron links of heatmap cells": len((s.get("neurons") or {}).get("token_top") or {}),
             "layer x example columns": len(s["norms"]["columns"]),
             "token x layer examples": len(s["norms"]["token_docs"])}
 
