@@ -39,6 +39,7 @@ from layerscope.data.metadata import write_metadata
 from layerscope.models.loading import fetch, load_model, parse_ref
 from layerscope.store.layout import finalize
 from layerscope.analysis.summaries import summarize
+from layerscope.packed import pack
 
 WORKLOADS = {"resid": ["resid_post"], "everything": ["resid_post", "attn_out", "mlp_out", "mlp_act"]}
 DASHBOARD = {"site": "mlp_act", "top_k": 10, "context": 8, "neurons_per_layer": 64, "heatmap_examples": 20}
@@ -158,7 +159,7 @@ def run(args, workloads: list[str], scratch: Path) -> int:
             summary = summarize(str(run_dir), **DASHBOARD)
             times[w]["summarize"].append(time.perf_counter() - t)
             times[w]["cold"].append(summarize_cold(run_dir))
-            sizes[w] = len(json.dumps(summary))
+            sizes[w] = len(json.dumps(pack(summary)))
     result = {"model": args.model, "tokens": n * seq, "seq_len": seq, "repeats": args.repeats, "dashboard": DASHBOARD}
     print(f"{'workload':<11} {'step':<10} {'median s':>9} {'min':>7} {'max':>7}")
     for w in workloads:

@@ -62,6 +62,9 @@ TABLE = [
     ("dashboard.context", 2, PAGE),
     ("dashboard.neurons_per_layer", 8, PAGE),
     ("dashboard.heatmap_examples", 4, PAGE),
+    ("dashboard.example_columns", 4, PAGE),
+    ("dashboard.output_tokens", 3, PAGE),
+    ("dashboard.budget_mib", 5, PAGE),
 ]
 
 

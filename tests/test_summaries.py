@@ -1,4 +1,4 @@
-"""Dashboard summaries agree with the stored activations."""
+"""Dashboard summaries agree with numpy computations on the stored activations."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 
 import layerscope
 from layerscope.data.dataset import example_text
+from layerscope.packed import unpack
 
 
 @pytest.fixture(scope="module")
 def summary(demo):
-    return json.loads((demo / "results/demo/summaries/summary.json").read_text(encoding="utf-8"))
+    return unpack(json.loads((demo / "results/demo/summaries/summary.json").read_text(encoding="utf-8")))
 
 
 @pytest.fixture(scope="module")
@@ -21,128 +22,170 @@ def run(demo):
     return layerscope.open(demo / "results/demo")
 
 
-def test_heatmap_norms(summary, run):
-    h = summary["heatmap"]
-    assert h["layers"] == [0, 1, 2, 3]
-    for i, d in enumerate(h["docs"]):
-        doc = summary["docs"][d]
-        e = next(ex["index"] for ex in run.examples if ex["id"] == doc["id"])
-        assert len(doc["toks"]) == run.examples[e]["n_tokens"] and doc["start"] == 0
-        text = "".join(summary["texts"][t] for t in doc["toks"])
+def norms_of(run, L, site) -> np.ndarray:
+    return np.linalg.norm(run.activations(L, site).numpy().astype(np.float64), axis=1)
+
+
+def doc_tokens(s, d) -> list[str]:
+    o = s["docs"]["offsets"]
+    return [s["texts"][t] for t in s["docs"]["toks"][o[d]:o[d + 1]]]
+
+
+def test_norms_of_every_site(summary, run):
+    norms, ex = summary["norms"], summary["examples"]
+    assert sorted(norms["sites"]) == ["attn_out", "mlp_out", "resid_post"]
+    last = run.offsets[1:] - 1
+    columns = ex["index"][norms["columns"]]
+    assert len(columns) == len(run)  # example_columns (512) covers the demo's 19 examples
+    for site, v in norms["sites"].items():
+        assert v["layers"] == [0, 1, 2, 3] and v["token_layers"] == [0, 1, 2, 3]
+        for j, L in enumerate(v["layers"]):
+            n = norms_of(run, L, site)
+            np.testing.assert_allclose(v["last"][j], n[last][columns], rtol=1e-5)
+            for s_name, (a, b) in run.splits.items():
+                assert v["split_last"][s_name][j] == pytest.approx(n[last][a:b].mean(), rel=1e-5)
+                # mean at each position over the split's examples that are that long
+                for p in (0, 3, 20):
+                    rows = [run.offsets[e] + p for e in range(a, b) if run.offsets[e + 1] - run.offsets[e] > p]
+                    assert v["pos_count"][s_name][p] == len(rows)
+                    assert v["split_pos"][s_name][j][p] == pytest.approx(n[rows].mean(), rel=1e-5)
+            for i, d in enumerate(norms["token_docs"]):
+                e = int(ex["index"][summary["docs"]["example"][d]])
+                np.testing.assert_allclose(v["tokens"][i][j], n[run.offsets[e]:run.offsets[e + 1]], rtol=1e-5)
+
+
+def test_token_docs_are_whole_examples_as_text(summary, run):
+    ex = summary["examples"]
+    assert len(summary["norms"]["token_docs"]) == 19
+    for d in summary["norms"]["token_docs"]:
+        e = int(ex["index"][summary["docs"]["example"][d]])
+        assert summary["docs"]["start"][d] == 0
+        text = "".join(doc_tokens(summary, d))
         rendered = example_text(run.examples[e])  # real UTF-8 text, pieces merged
         assert text == rendered if not run.examples[e]["truncated"] else rendered.startswith(text)
-        for j, L in enumerate(h["layers"]):
-            want = np.linalg.norm(run.activations(L, "resid_post")[e].astype(np.float32), axis=1)
-            np.testing.assert_allclose(h["norms"][i][j], want, rtol=1e-5)
+        assert ex["id"][summary["docs"]["example"][d]] == run.examples[e]["id"]
 
 
-def test_top_and_bottom_k_are_exact(summary, run):
+def test_neuron_index_statistics(summary, run):
+    nz = summary["neurons"]
+    assert nz["site"] == "mlp_act" and sorted(nz["layers"]) == ["0", "1", "2", "3"]
+    for L in ("0", "3"):
+        d = nz["layers"][L]
+        x = run.activations(int(L), "mlp_act").numpy().astype(np.float64)
+        assert d["width"] == x.shape[1] == len(d["max"])  # every neuron is indexed
+        np.testing.assert_allclose(d["max"], x.max(0), rtol=1e-6)
+        np.testing.assert_allclose(d["min"], x.min(0), rtol=1e-6)
+        np.testing.assert_allclose(d["mean"], x.mean(0), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(d["sd"], x.std(0), rtol=1e-4, atol=1e-7)
+        spans = [(run.offsets[a], run.offsets[b]) for a, b in run.splits.values()]
+        means = np.array([x[r0:r1].mean(0) for r0, r1 in spans])
+        np.testing.assert_allclose(d["split_mean"], means, rtol=1e-4, atol=1e-7)
+        # selectivity: (mean of the best split - mean of the other split) / sd
+        best = means.argmax(0)
+        other = means[1 - best, np.arange(x.shape[1])]
+        np.testing.assert_array_equal(d["best"], best)
+        np.testing.assert_allclose(d["sel"], (means.max(0) - other) / x.std(0), rtol=1e-3, atol=1e-5)
+
+
+def test_cards_one_entry_per_example_with_context(summary, run):
     nz = summary["neurons"]
     k, ctx = nz["k"], nz["context"]
-    layer = nz["layers"]["2"]
-    acts = run.activations(2, "mlp_act").numpy().astype(np.float32)
-    for col, n in enumerate(layer["ids"][:20]):
-        vals = acts[:, n]
-        top = layer["top"][col]
-        np.testing.assert_allclose([v for _, _, v in top], np.sort(vals)[::-1][:k], rtol=1e-6)
-        np.testing.assert_allclose([v for _, _, v in layer["bottom"][col]], np.sort(vals)[:k], rtol=1e-6)
-        for d, pos, v in top:
-            doc = summary["docs"][d]
-            e = next(ex["index"] for ex in run.examples if ex["id"] == doc["id"])
-            row = int(run.offsets[e]) + doc["start"] + pos
-            assert vals[row] == pytest.approx(v)
-            assert len(doc["toks"]) <= 2 * ctx + 1  # only the context window is kept
+    d = nz["layers"]["2"]
+    x = run.activations(2, "mlp_act").numpy().astype(np.float32)
+    assert len(d["cards"]) == min(256, d["width"]) > 0  # dashboard.neurons_per_layer
+    assert len(set(d["cards"].tolist())) == len(d["cards"])
+    ex_of_doc = summary["examples"]["index"][summary["docs"]["example"]]
+    per_ex_max = np.array([x[run.offsets[e]:run.offsets[e + 1]].max(0) for e in range(len(run))])
+    per_ex_min = np.array([x[run.offsets[e]:run.offsets[e + 1]].min(0) for e in range(len(run))])
+    e_cols = d["entries"]
+    for c, n in enumerate(d["cards"][:40]):
+        for kind, table, sign in ((0, per_ex_max, -1), (1, per_ex_min, 1)):
+            sel = np.flatnonzero((e_cols["card"] == c) & (e_cols["kind"] == kind))
+            want = np.argsort(sign * table[:, n], kind="stable")[:k]
+            got = ex_of_doc[e_cols["doc"][sel]]
+            assert len(set(got.tolist())) == len(got)  # at most one entry per example
+            np.testing.assert_allclose(e_cols["value"][sel], table[want, n])
+            assert sorted(got.tolist()) == sorted(want.tolist()) or np.allclose(table[got, n], table[want, n])
+            for i in sel:
+                doc, e = e_cols["doc"][i], int(ex_of_doc[e_cols["doc"][i]])
+                start = summary["docs"]["start"][doc]
+                n_doc = summary["docs"]["offsets"][doc + 1] - summary["docs"]["offsets"][doc]
+                rows = run.offsets[e] + start + np.arange(n_doc)
+                assert n_doc <= 2 * ctx + 1
+                # the whole window is coloured: one value per token, the neuron's own
+                np.testing.assert_allclose(d["ctx"][e_cols["ctx_off"][i]:e_cols["ctx_off"][i] + n_doc], x[rows, n])
+                assert x[rows[e_cols["pos"][i]], n] == e_cols["value"][i]
+        # histogram over every token's value
+        counts, _ = np.histogram(x[:, n], bins=nz["bins"], range=(d["hist_lo"][c], d["hist_hi"][c]))
+        assert d["hist"][c].sum() == len(x)
+        assert np.abs(d["hist"][c] - counts).sum() <= 2  # bin edges may round differently
 
 
-def brute_force(x: np.ndarray, k: int):
-    """Per column, the k highest and lowest values and rows by a full stable sort (NaN as 0; ties: earlier row)."""
-    x = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
-    top_r = np.argsort(-x, axis=0, kind="stable")[:k].T
-    bot_r = np.argsort(x, axis=0, kind="stable")[:k].T
-    cols = np.arange(x.shape[1])[:, None]
-    return x[top_r, cols], top_r, x[bot_r, cols], bot_r
+def test_output_tokens_match_the_model(summary, demo):
+    """Promoted and suppressed tokens equal W_U (g * W_down[:, n]) computed by torch on the loaded model."""
+    import torch
+
+    from layerscope.fileio import read_json
+    from layerscope.models.loading import load_model
+
+    manifest = read_json(demo / "results/demo/model/manifest.json")
+    model, tok = load_model(manifest)
+    nz = summary["neurons"]
+    for L in ("0", "3"):
+        d = nz["layers"][L]
+        cards = torch.from_numpy(d["cards"][:16].astype(np.int64))
+        w = model.model.layers[int(L)].mlp.down_proj.weight[:, cards] * model.model.norm.weight[:, None]
+        logits = (model.lm_head.weight @ w).T
+        top = torch.topk(logits, 10, dim=1)
+        np.testing.assert_allclose(d["out_up_v"][:16], top.values.numpy(), rtol=1e-4, atol=1e-6)
+        texts = [[summary["texts"][t] for t in r] for r in d["out_up"][:16]]
+        assert texts == [[tok.decode([int(i)]) for i in r] for r in top.indices]
+        bottom = torch.topk(-logits, 10, dim=1)
+        np.testing.assert_allclose(d["out_down_v"][:16], -bottom.values.numpy(), rtol=1e-4, atol=1e-6)
 
 
-class FakeActivations:
-    """Just what neuron_extremes reads of a reader view: width, dtype and iter_shards (raw bits for bfloat16)."""
+@pytest.mark.parametrize("name", ["gpt2-tiny", "opt-tiny", "qwen2-tiny"])
+def test_unembedding_reads_each_layout(model_factory, name):
+    """The down projection and unembedding read from safetensors equal the loaded model's modules."""
+    from layerscope.analysis.unembed import Unembedding
+    from layerscope.capture.sites import decoder_layers
+    from layerscope.models.loading import load_model
 
-    def __init__(self, x: np.ndarray, dtype: str, shard_rows: list[int]):
-        self.x, self.dtype, self.shard_rows, self.width = x, dtype, shard_rows, x.shape[1]
-
-    def iter_shards(self, raw: bool = False):
-        from layerscope.store.reader import bf16_to_float32
-
-        r = 0
-        for n in self.shard_rows:
-            block = self.x[r:r + n]
-            if self.dtype == "bfloat16":
-                bits = (block.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-                block = bits if raw else bf16_to_float32(bits)
-            yield (r, r + n), block.copy()
-            r += n
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("k", [1, 3, 10])
-def test_neuron_extremes_match_a_full_sort(dtype, k):
-    from layerscope.analysis.summaries import neuron_extremes
-
-    rng = np.random.default_rng(k)
-    n, w = 700, 37
-    x = rng.standard_normal((n, w)).astype(np.float32) * 4
-    x[:, 0] = 0.0  # a dead neuron: every value tied
-    x[::3, 1] = 2.5  # many ties at the top
-    x[::5, 2] = -2.5  # many ties at the bottom
-    x[10, 3], x[400, 3], x[11, 3] = np.nan, np.inf, -np.inf
-    x[::7, 4] = -0.0  # -0.0 ties with 0.0
-    x[:, 5] = np.round(x[:, 5])  # a few distinct values
-    x[50:, 6] = 1e6  # overflows float16 to inf
-    if dtype == "float16":
-        with np.errstate(over="ignore"):
-            x = x.astype(np.float16)
-    elif dtype == "bfloat16":  # values bfloat16 holds exactly
-        x = ((x.view(np.uint32) >> 16) << 16).view(np.float32)
-    want = brute_force(x.astype(np.float32), k)
-    # one shard; shards with a partial block; a shard smaller than k; many small shards
-    for shards in ([n], [333, 367], [2, 698], [64] * 10 + [60]):
-        got = neuron_extremes(FakeActivations(x, dtype, shards), k)
-        for g, e, name in zip(got, want, ("top_v", "top_r", "bot_v", "bot_r")):
-            np.testing.assert_array_equal(g, e, err_msg=f"{name}, shards {shards}")
+    m = model_factory(name)
+    model, _ = load_model({"model": m})
+    u = Unembedding({"model": m, "adapter": None})
+    for L, layer in enumerate(decoder_layers(model, m["num_layers"])):
+        mod = getattr(getattr(layer, "mlp", None), "down_proj", None) or getattr(getattr(layer, "mlp", None), "c_proj",
+                                                                                    None) or layer.fc2
+        w = mod.weight.detach().numpy()
+        np.testing.assert_array_equal(u.down(L), w.T if name == "gpt2-tiny" else w)  # GPT-2: Conv1D [in, out]
+    np.testing.assert_array_equal(u.unembed, model.get_output_embeddings().weight.detach().numpy())
 
 
-def test_neuron_extremes_on_a_store(tmp_path, model_factory):
-    """Through the reader, on a real multi-shard store: the same as a full sort of the array."""
-    import zarr
+def test_unembedding_merges_a_lora_adapter(model_factory, lora_adapter):
+    from layerscope.analysis.unembed import Unembedding
+    from layerscope.models.loading import load_model
 
-    from layerscope.data.dataset import load_tokens
-    from layerscope.store.reader import Activations
-    from layerscope.analysis.summaries import neuron_extremes
-    from tests.helpers import capture_store, make_params, prepare_texts
-
-    manifest = {"model": model_factory("llama-tiny"), "adapter": None}
-    ds = prepare_texts(tmp_path, manifest["model"])
-    params = make_params({1: {"sites": ["mlp_act"], "positions": "all"}}, dtype="float16", parts=2,
-                         chunk_mib=0.004, shard_mib=0.008)
-    root = capture_store(tmp_path, manifest, params, ds)
-    _, offsets = load_tokens(ds)
-    key = "layer_01/mlp_act"
-    acts = Activations(zarr.open_group(str(root), mode="r")[key], offsets, 0, len(offsets) - 1, array_dir=root / key)
-    assert len(list(acts.iter_shards())) > 1
-    x = acts.numpy()
-    for k in (1, 4, 8):
-        for g, e in zip(neuron_extremes(acts, k), brute_force(x.astype(np.float32), k)):
-            np.testing.assert_array_equal(g, e)
+    base = model_factory("llama-tiny")
+    model, _ = load_model({"model": base, "adapter": lora_adapter})
+    merged = model.merge_and_unload()
+    u = Unembedding({"model": base, "adapter": lora_adapter})
+    for L in range(base["num_layers"]):
+        np.testing.assert_allclose(u.down(L), merged.model.layers[L].mlp.down_proj.weight.detach().numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        plain = Unembedding({"model": base, "adapter": None}).down(L)
+        assert not np.allclose(u.down(L), plain)  # the adapter does change down_proj
 
 
-def small_run(tmp_path, model_factory, layers: dict) -> str:
+def small_run(tmp_path, model_factory, layers: dict, texts=None) -> str:
     """A finished run directory (store, metadata, examples, manifest) built without Snakemake."""
     import shutil
 
     from layerscope.data.metadata import write_metadata
-    from tests.helpers import capture_store, make_params, prepare_texts
+    from tests.helpers import TEXTS, capture_store, make_params, prepare_texts
 
     manifest = {"model": model_factory("llama-tiny"), "adapter": None}
-    ds = prepare_texts(tmp_path, manifest["model"])
+    ds = prepare_texts(tmp_path, manifest["model"], texts or TEXTS)
     run = tmp_path / "run"
     run.mkdir()
     params = make_params(layers, dtype="float16", parts=1)
@@ -159,26 +202,99 @@ def small_run(tmp_path, model_factory, layers: dict) -> str:
     return str(run)
 
 
+def test_last_position_run_gets_a_layer_x_example_view(tmp_path, model_factory):
+    from layerscope.analysis.summaries import summarize
+
+    run_dir = small_run(tmp_path, model_factory,
+                        {0: {"sites": ["resid_post", "mlp_out", "mlp_act"], "positions": "last"},
+                         1: {"sites": ["resid_post", "mlp_act"], "positions": "last"}})
+    s = summarize(run_dir, top_k=3, context=2)
+    run = layerscope.open(run_dir)
+    assert "layer x example view" in s["notes"]["heatmap"] and "capture.positions: all" in s["notes"]["heatmap"]
+    v = s["norms"]["sites"]["resid_post"]
+    assert v["layers"] == [0, 1] and v["positions"] == ["last", "last"] and "token_layers" not in v
+    assert s["norms"]["token_docs"] == []
+    cols = s["examples"]["index"][s["norms"]["columns"]]
+    for j, L in enumerate((0, 1)):
+        np.testing.assert_allclose(v["last"][j], norms_of(run, L, "resid_post")[cols], rtol=1e-5)
+    assert s["norms"]["sites"]["mlp_out"]["layers"] == [0]
+    # neuron cards of a last-position array: one value per example, at its last token
+    d = s["neurons"]["layers"]["1"]
+    x = run.activations(1, "mlp_act").numpy().astype(np.float32)
+    e = d["entries"]
+    first = np.flatnonzero((e["card"] == 0) & (e["kind"] == 0))
+    np.testing.assert_allclose(e["value"][first], np.sort(x[:, d["cards"][0]])[::-1][:3])
+    assert s["neurons"]["token_top"] == {}
+
+
 def test_missing_inputs_are_named_with_their_config_keys(tmp_path, model_factory, caplog):
     from layerscope.analysis.summaries import summarize
 
-    run = small_run(tmp_path, model_factory, {0: {"sites": ["resid_post", "mlp_out"], "positions": "last"},
-                                              1: {"sites": ["mlp_out"], "positions": "all"}})
+    run = small_run(tmp_path, model_factory, {0: {"sites": ["attn_out"], "positions": "last"}})
     with caplog.at_level("WARNING", logger="layerscope.analysis.summaries"):
         s = summarize(run, site="mlp_act", top_k=3)
-    assert s["heatmap"] is None and s["neurons"] is None
-    assert "resid_post" in s["notes"]["heatmap"] and "capture.positions: all" in s["notes"]["heatmap"]
+    assert s["neurons"] is None
     assert "mlp_act" in s["notes"]["neurons"] and "capture.sites" in s["notes"]["neurons"]
-    assert "dashboard.site" in s["notes"]["neurons"] and "mlp_out, resid_post" in s["notes"]["neurons"]
+    assert "dashboard.site" in s["notes"]["neurons"] and "(attn_out)" in s["notes"]["neurons"]
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warned == [s["notes"]["heatmap"], s["notes"]["neurons"]]
-    # neuron lists from arrays at the last position and at every position
-    s = summarize(run, site="mlp_out", top_k=3, context=2, heatmap_examples=0)
-    assert s["notes"] == {"heatmap": "No token x layer heatmap: dashboard.heatmap_examples is 0; set it above 0.",
-                          "neurons": None}
-    assert sorted(s["neurons"]["layers"]) == ["0", "1"]
-    for L in ("0", "1"):
-        d = s["neurons"]["layers"][L]
-        assert len(d["ids"]) == 64 and all(len(t) == 3 for t in d["top"])
-        for d_, pos, v in d["top"][0]:
-            assert 0 <= pos < len(s["docs"][d_]["toks"]) and v is not None
+    # another site's neurons: an index, but no output tokens (those are for mlp_act)
+    s = summarize(run, site="attn_out", top_k=3, heatmap_examples=0)
+    assert s["neurons"]["site"] == "attn_out" and "mlp_act" in s["notes"]["output_tokens"]
+    assert len(s["neurons"]["layers"]["0"]["max"]) == 64 and "out_up" not in s["neurons"]["layers"]["0"]
+
+
+def test_summarize_reads_weights_without_torch(demo, tmp_path):
+    """Output tokens come from the safetensors files directly: the summarize job imports no torch."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import json, sys; from layerscope.steps import summarize; "
+            f"summarize({str(demo / 'results/demo')!r}, {{'top_k': 3, 'neurons_per_layer': 4}}, 'out.json'); "
+            "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers'))))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+    s = unpack(json.loads((tmp_path / "out.json").read_text()))
+    assert s["neurons"]["layers"]["0"]["out_up"].shape == (4, 10)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+@pytest.mark.parametrize("shard_rows", [7, 64, 1000])
+def test_scan_matches_numpy_across_shards_and_nonfinite_values(positions, shard_rows):
+    """Per-example top/bottom k, statistics and split means, with examples cut by shard boundaries
+    and NaN/inf values (left out of every statistic)."""
+    from types import SimpleNamespace
+
+    from layerscope.analysis.neurons import scan
+    from tests.synthetic import SyntheticActivations
+
+    rng = np.random.default_rng(shard_rows)
+    lengths = rng.integers(1, 12, size=30)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rows = offsets[-1] if positions == "all" else 30
+    x = rng.standard_normal((rows, 9)).astype(np.float32)
+    x[3, 0], x[5, 1], x[8, 2] = np.nan, np.inf, -np.inf
+    x[:, 3] = 1.0  # every example ties
+    run = SimpleNamespace(offsets=offsets, splits={"a": (0, 13), "b": (13, 30)})
+    sc = scan(run, SyntheticActivations(x, offsets, positions, shard_rows), k=4)
+    xm = np.where(np.isfinite(x), x, np.nan)
+    span = (lambda a, b: (offsets[a], offsets[b])) if positions == "all" else (lambda a, b: (a, b))
+    np.testing.assert_allclose(sc.max, np.nanmax(xm, 0))
+    np.testing.assert_allclose(sc.mean, np.nanmean(xm, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sc.sd, np.nanstd(xm, 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sc.split_mean, [np.nanmean(xm[slice(*span(0, 13))], 0),
+                                               np.nanmean(xm[slice(*span(13, 30))], 0)], rtol=1e-5, atol=1e-6)
+    per_ex = np.array([np.nanmax(xm[slice(*span(e, e + 1))], 0) for e in range(30)])
+    per_ex_min = np.array([np.nanmin(xm[slice(*span(e, e + 1))], 0) for e in range(30)])
+    for n in range(9):
+        want = np.lexsort((np.arange(30), -per_ex[:, n]))[:4]  # highest first, ties by example
+        np.testing.assert_array_equal(sc.top_e[n], want)
+        np.testing.assert_allclose(sc.top_v[n], per_ex[want, n])
+        want = np.lexsort((np.arange(30), per_ex_min[:, n]))[:4]
+        np.testing.assert_array_equal(sc.bot_e[n], want)

@@ -120,12 +120,13 @@ def metadata(config: dict, manifest: str, adapter: str, examples: str, store: st
 
 def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool = False) -> None:
     from layerscope.analysis.summaries import summarize as _summarize
+    from layerscope.packed import pack
 
-    write_json(out, _summarize(run_dir, **dashboard, trust_remote_code=trust_remote_code), indent=None)
+    write_json(out, pack(_summarize(run_dir, **dashboard, trust_remote_code=trust_remote_code)), indent=None)
 
 
 def dashboard(summary: str, out: str) -> None:
-    from layerscope.web.dashboard import write_dashboard
+    from layerscope.web.page import write_dashboard
 
-    write_dashboard(read_json(summary), out)
-    log.info("dashboard written to %s (%d bytes)", out, Path(out).stat().st_size)
+    size = write_dashboard(read_json(summary), out)
+    log.info("dashboard written to %s (%d bytes)", out, size)

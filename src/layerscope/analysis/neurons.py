@@ -1,0 +1,217 @@
+"""Per-neuron statistics for the neuron index and neuron cards, shard by shard.
+
+``scan`` reads a (layer, site) array once and keeps, per neuron: the largest and smallest value,
+mean and standard deviation, the mean of each split, and the k examples with the highest (lowest)
+activation, one entry per example (an example's value is its maximum (minimum) over its tokens).
+``histograms`` and ``contexts`` then read only what the neurons that get a card need. NaN and
+infinite values (float16 overflow) are left out of every statistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from layerscope.store.reader import Run
+
+
+@dataclass
+class Scan:
+    """What one pass over a (layer, site) array keeps: [width] vectors, [splits, width] per-split
+    means, and [width, k] top/bottom example values and indices (best first; -1 where fewer)."""
+
+    max: np.ndarray
+    min: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    split_mean: np.ndarray
+    top_v: np.ndarray
+    top_e: np.ndarray
+    bot_v: np.ndarray
+    bot_e: np.ndarray
+
+    def selectivity(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per neuron, the split whose mean is highest and (its mean - the other splits' mean) / sd:
+        how strongly the neuron picks out one split (0 with one split or a constant neuron)."""
+        sm = np.nan_to_num(self.split_mean.astype(np.float64))
+        best = np.argmax(sm, axis=0)
+        if len(sm) < 2:
+            return best, np.zeros(sm.shape[1], np.float32)
+        w = counts.astype(np.float64)[:, None]
+        total = (sm * w).sum(0)
+        best_mean = np.take_along_axis(sm, best[None], 0)[0]
+        best_w = w[best, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rest = (total - best_mean * best_w) / (w.sum() - best_w)
+            sel = np.where(self.sd > 0, (best_mean - rest) / self.sd, 0.0)
+        return best, np.nan_to_num(sel).astype(np.float32)
+
+
+def _row_examples(run: Run, positions: str, r0: int, r1: int) -> np.ndarray:
+    rows = np.arange(r0, r1)
+    return rows if positions == "last" else np.searchsorted(run.offsets, rows, side="right") - 1
+
+
+def _merge_best(best_v: np.ndarray | None, best_e: np.ndarray | None, v: np.ndarray, e: np.ndarray,
+                k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of a running [k', width] best and new [n, width] candidates (one row per example)."""
+    e = np.broadcast_to(e[:, None], v.shape)
+    if best_v is not None:
+        v, e = np.concatenate([best_v, v]), np.concatenate([best_e, e])
+    fill = -np.inf if largest else np.inf
+    v = np.where(np.isnan(v), fill, v)
+    if len(v) > k:
+        idx = np.argpartition(-v if largest else v, k - 1, axis=0)[:k]
+        v, e = np.take_along_axis(v, idx, 0), np.take_along_axis(e, idx, 0)
+    return v, np.ascontiguousarray(e)
+
+
+def scan(run: Run, acts, k: int) -> Scan:
+    """One pass over ``acts`` (a whole-run Activations view): see the module docstring."""
+    width = acts.width
+    splits = list(run.splits.values())
+    bounds = [(a, b) if acts.positions == "last" else (int(run.offsets[a]), int(run.offsets[b])) for a, b in splits]
+    s1 = np.zeros((len(splits), width)); s2 = np.zeros(width); cnt = np.zeros((len(splits), width))
+    mx = np.full(width, -np.inf, np.float32); mn = np.full(width, np.inf, np.float32)
+    top = bot = (None, None)
+    carry: tuple[int, np.ndarray, np.ndarray] | None = None  # an example that may go on in the next shard
+    for (r0, r1), block in acts.iter_shards():
+        x = np.asarray(block, dtype=np.float32)
+        # a NaN or an infinity makes its column's float64 sum non-finite: mask only then
+        clean = bool(np.isfinite(x.sum(0, dtype=np.float64)).all())
+        if not clean:
+            finite = np.isfinite(x)
+            x = np.where(finite, x, np.nan)
+        for i, (a, b) in enumerate(bounds):
+            lo, hi = max(a, r0), min(b, r1)
+            if lo < hi:
+                part = x[lo - r0:hi - r0]
+                if clean:  # the common case: plain sums, float64 accumulators, no NaN masking
+                    s1[i] += part.sum(0, dtype=np.float64)
+                    s2 += np.square(part).sum(0, dtype=np.float64)
+                    cnt[i] += hi - lo
+                else:
+                    s1[i] += np.nansum(part, 0, dtype=np.float64)
+                    s2 += np.nansum(np.square(part, dtype=np.float64), 0)
+                    cnt[i] += np.count_nonzero(finite[lo - r0:hi - r0], 0)
+        ex = _row_examples(run, acts.positions, r0, r1)
+        starts = np.flatnonzero(np.diff(ex, prepend=-1))
+        seg_e = ex[starts]
+        if acts.positions == "last":
+            hi_v = lo_v = x
+        else:
+            # one reduction per example slice: ~15x faster than ufunc.reduceat along axis 0
+            ends = np.append(starts[1:], len(x))
+            big, small = (np.max, np.min) if clean else (np.fmax.reduce, np.fmin.reduce)
+            hi_v = np.stack([big(x[a:b], 0) for a, b in zip(starts, ends)])
+            lo_v = np.stack([small(x[a:b], 0) for a, b in zip(starts, ends)])
+        mx = np.fmax(mx, np.fmax.reduce(hi_v, 0))  # the extremes of the per-example extremes
+        mn = np.fmin(mn, np.fmin.reduce(lo_v, 0))
+        if carry is not None and carry[0] == seg_e[0]:
+            hi_v[0], lo_v[0] = np.fmax(hi_v[0], carry[1]), np.fmin(lo_v[0], carry[2])
+        elif carry is not None:
+            top = _merge_best(*top, carry[1][None], np.array([carry[0]]), k, True)
+            bot = _merge_best(*bot, carry[2][None], np.array([carry[0]]), k, False)
+        carry = (int(seg_e[-1]), hi_v[-1].copy(), lo_v[-1].copy())
+        if len(seg_e) > 1:
+            top = _merge_best(*top, hi_v[:-1], seg_e[:-1], k, True)
+            bot = _merge_best(*bot, lo_v[:-1], seg_e[:-1], k, False)
+    if carry is not None:
+        top = _merge_best(*top, carry[1][None], np.array([carry[0]]), k, True)
+        bot = _merge_best(*bot, carry[2][None], np.array([carry[0]]), k, False)
+    n = cnt.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1.sum(0) / n
+        sd = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+        split_mean = s1 / cnt
+    return Scan(mx, mn, mean.astype(np.float32), sd.astype(np.float32), split_mean.astype(np.float32),
+                *_ordered(*top, width, True), *_ordered(*bot, width, False))
+
+
+def _ordered(v: np.ndarray | None, e: np.ndarray | None, width: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[width, k] values and examples, best first, ties by example; examples without a value dropped (-1)."""
+    if v is None:
+        return np.zeros((width, 0), np.float32), np.zeros((width, 0), np.int64)
+    v, e = v.T, e.T
+    order = np.lexsort((e, -v if largest else v), axis=1)
+    v, e = np.take_along_axis(v, order, 1), np.take_along_axis(e, order, 1).astype(np.int64)
+    e[~np.isfinite(v)] = -1  # an example whose every value is NaN/inf
+    return v.astype(np.float32), e
+
+
+def pick_cards(scan: Scan, sel: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` neurons that get a card, best first: alternately the next by largest activation and
+    by selectivity, so that both orders of the index start with neurons that have cards."""
+    by_max = np.argsort(-np.nan_to_num(scan.max, nan=-np.inf), kind="stable")
+    by_sel = np.argsort(-np.abs(sel), kind="stable")
+    out: dict[int, None] = {}
+    for a, b in zip(by_max, by_sel):
+        if len(out) >= n:
+            break
+        out.setdefault(int(a))
+        if len(out) < n:
+            out.setdefault(int(b))
+    return np.fromiter(out, dtype=np.int64, count=len(out))  # rank order: a page budget keeps the first
+
+
+def histograms(acts, cols: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> np.ndarray:
+    """[len(cols), bins] counts of each column's finite values in ``bins`` equal bins over [lo, hi]."""
+    counts = np.zeros(len(cols) * bins, np.int64)
+    if not len(cols):
+        return counts.reshape(0, bins)
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float64)
+    which = np.arange(len(cols)) * bins
+    for _, block in acts.iter_shards():
+        x = np.asarray(block[:, cols], dtype=np.float64)
+        ok = np.isfinite(x)
+        b = np.clip(((x - lo) / span * bins).astype(np.int64, copy=False) if ok.all()
+                    else np.floor(np.where(ok, (x - lo) / span * bins, 0)).astype(np.int64), 0, bins - 1)
+        counts += np.bincount((b + which)[ok], minlength=len(cols) * bins)
+    return counts.reshape(len(cols), bins)
+
+
+def contexts(run: Run, acts, cards: np.ndarray, examples: np.ndarray, largest: bool,
+             context: int) -> dict[tuple[int, int], dict[str, Any]]:
+    """For each card c and each example listed in ``examples[c]`` (-1: none), the token where the
+    neuron peaks (``largest``) or dips, and its values over ``context`` tokens each side:
+    {(c, j): {"e", "pos", "value", "start", "values"}} (``values`` float32, NaN where not captured)."""
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for c in range(len(cards)):
+        for j, e in enumerate(examples[c]):
+            if e >= 0:
+                wanted.setdefault(int(e), []).append((c, j))
+    out = {}
+    for e, uses in sorted(wanted.items()):
+        x = acts.example(e)  # [tokens, width], or [width] for a `last` array
+        n_tok = int(run.offsets[e + 1] - run.offsets[e])
+        for c, j in uses:
+            col = np.asarray(x[..., cards[c]], dtype=np.float32)
+            if acts.positions == "last":
+                pos, series = n_tok - 1, np.full(n_tok, np.nan, np.float32)
+                series[pos] = col
+            else:
+                series = np.where(np.isfinite(col), col, np.nan)
+                pos = int(np.nanargmax(series) if largest else np.nanargmin(series))
+            a, b = max(0, pos - context), min(n_tok, pos + context + 1)
+            out[(c, j)] = {"e": e, "pos": pos, "value": float(series[pos]), "start": a, "values": series[a:b]}
+    return out
+
+
+def token_top(acts, examples: list[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` most active neurons at each token of ``examples`` (rows concatenated in order):
+    ids and values, [tokens, n] each, highest first."""
+    ids, vals = [], []
+    for e in examples:
+        x = np.nan_to_num(np.asarray(acts.example(e), dtype=np.float32), nan=-np.inf)
+        m = min(n, x.shape[1])
+        # partition first: sorting every neuron of every token costs ~10x more
+        part = np.argpartition(-x, m - 1, axis=1)[:, :m] if m < x.shape[1] else np.argsort(-x, axis=1)
+        v = np.take_along_axis(x, part, 1)
+        order = np.lexsort((part, -v), axis=1)  # highest first, ties by neuron id
+        ids.append(np.take_along_axis(part, order, 1))
+        vals.append(np.take_along_axis(v, order, 1))
+    width = min(n, acts.width)
+    return (np.concatenate(ids) if ids else np.zeros((0, width), np.int64),
+            np.concatenate(vals) if vals else np.zeros((0, width), np.float32))

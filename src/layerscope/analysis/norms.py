@@ -1,0 +1,83 @@
+"""L2 norms of the residual-stream sites, per token, per example and per split.
+
+One pass over each (layer, site) array gives the norm of every row; everything the heatmaps
+show is derived from those norms: the token x layer view of a few examples, the norm at each
+example's last token (the layer x example view, defined for ``last`` and ``all`` captures
+alike), and per-split means, by position for ``all`` captures and at the last token for both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from layerscope.store.reader import Run
+
+NORM_SITES = ("resid_post", "attn_out", "mlp_out")
+
+
+def row_norms(acts) -> np.ndarray:
+    """float32 L2 norm of every row of an Activations view, shard by shard (NaN rows stay NaN)."""
+    out = np.empty(acts.shape[0], dtype=np.float32)
+    for (r0, r1), block in acts.iter_shards():  # rows relative to the view
+        x = np.asarray(block, dtype=np.float32)
+        # float64 accumulation: a 4096-wide float32 sum of squares loses digits otherwise
+        out[r0:r1] = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return out
+
+
+def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int]) -> dict[str, Any] | None:
+    """Norm summaries of one site over every layer that captured it (None if none did).
+
+    ``layers``/``positions``: the layers and each one's positions; ``last``: [layers, columns]
+    norm at the last token of the ``columns`` examples; ``split_last``: {split: [layers]} mean of
+    that over every example of the split; for the ``all`` layers (``token_layers``): ``tokens``,
+    per token example a [token_layers, tokens] array, and ``split_pos``/``pos_count``: {split:
+    [token_layers, positions]} mean norm at each position over the split's examples that reach it.
+    """
+    layers = [L for L, s in run.arrays if s == site]
+    if not layers:
+        return None
+    offsets = run.offsets
+    n_ex = len(offsets) - 1
+    lengths = np.diff(offsets)
+    last_rows = offsets[1:] - 1
+    columns_a = np.asarray(columns, dtype=np.int64)
+    positions, last, split_last = [], [], {s: [] for s in run.splits}
+    token_layers: list[int] = []
+    tokens: list[list[np.ndarray]] = [[] for _ in token_examples]
+    split_pos: dict[str, list[np.ndarray]] = {s: [] for s in run.splits}
+    pos_count: dict[str, np.ndarray] = {}
+    pos_of_row = None
+    for L in layers:
+        acts = run.activations(L, site)
+        norms = row_norms(acts)
+        positions.append(acts.positions)
+        at_last = norms[last_rows] if acts.positions == "all" else norms
+        last.append(at_last[columns_a])
+        for s, (a, b) in run.splits.items():
+            split_last[s].append(float(np.nanmean(at_last[a:b])) if b > a else np.nan)
+        if acts.positions != "all":
+            continue
+        token_layers.append(L)
+        for i, e in enumerate(token_examples):
+            tokens[i].append(norms[offsets[e]:offsets[e + 1]])
+        if pos_of_row is None:
+            pos_of_row = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+        width = int(lengths.max()) if n_ex else 0
+        for s, (a, b) in run.splits.items():
+            r0, r1 = offsets[a], offsets[b]
+            ok = np.isfinite(norms[r0:r1])
+            p = pos_of_row[r0:r1][ok]
+            count = np.bincount(p, minlength=width)
+            total = np.bincount(p, weights=norms[r0:r1][ok], minlength=width)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                split_pos[s].append((total / count).astype(np.float32))
+            pos_count[s] = count.astype(np.int64)
+    out: dict[str, Any] = {"layers": layers, "positions": positions, "last": np.array(last, dtype=np.float32),
+                           "split_last": {s: np.array(v, dtype=np.float32) for s, v in split_last.items()}}
+    if token_layers:
+        out.update(token_layers=token_layers, tokens=[np.array(t, dtype=np.float32) for t in tokens],
+                   split_pos={s: np.array(v, dtype=np.float32) for s, v in split_pos.items()}, pos_count=pos_count)
+    return out
