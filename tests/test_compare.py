@@ -120,7 +120,7 @@ def test_refuses_runs_whose_tokens_differ(token_block, demo_run, altered, monkey
 
 
 def test_variants_and_run_refs(demo_run, tmp_path):
-    with pytest.raises(LayerScopeError, match="no variant 'adapter'; it has no variants, only its default store"):
+    with pytest.raises(LayerScopeError, match="no variant .adapter.; it has no variants, only its main store"):
         compare(f"{demo_run}:adapter", demo_run)
     assert parse_run_ref(f"{demo_run}:base") == (str(demo_run), "base")
     assert parse_run_ref(str(demo_run)) == (str(demo_run), None)

@@ -135,3 +135,73 @@ def test_workflow_captures_lora_sites_of_the_builtin_adapter(tmp_path):
     assert {(L, s) for L, s in run.arrays} >= {(1, "lora_a.mlp.down_proj"), (2, "lora_delta.mlp.down_proj")}
     assert run.activations(1, "lora_a.mlp.down_proj").width == 4
     assert run.activations(2, "lora_delta.mlp.down_proj").width == 64
+
+
+def test_base_variant_equals_a_run_without_the_adapter(tmp_path, model_factory, lora_adapter):
+    """One load, two passes per batch: the base store is byte for byte a capture of the model alone,
+    the main store byte for byte a capture with the adapter alone; both chained across blocks."""
+    from layerscope.capture.chain import boundary_path
+    from layerscope.capture.run import run_capture
+    from layerscope.data.dataset import load_tokens
+    from layerscope.store.layout import finalize
+    from tests.test_resume import files
+
+    m = model_factory("llama-tiny")
+    ds = prepare_texts(tmp_path, m)
+    layers = {0: {"sites": ["resid_post", "mlp_act"], "positions": "all"},
+              2: {"sites": ["resid_post", "attn_out"], "positions": "last"}}
+    params = make_params(layers, parts=1)
+    plain = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds, name="plain", layers_per_job=2)
+    adapted = capture_store(tmp_path, {"model": m, "adapter": lora_adapter}, params, ds, name="adapted",
+                            layers_per_job=2)
+    manifest = {"model": m, "adapter": lora_adapter}
+    chain = tmp_path / "paired-chain"
+    for start, end in ((0, 1), (2, 3)):
+        caps = [(L, s, v["positions"]) for L, v in layers.items() if start <= L <= end for s in v["sites"]]
+        job = {k: v for k, v in params.items() if k != "layers"} | {"block": [start, end]}
+        run_capture(manifest, ds, tmp_path / "paired.zarr", job, 0, caps, device="cpu", group=f"L{start}",
+                    boundary_in=boundary_path(chain, start, 0) if start else None,
+                    boundary_out=boundary_path(chain, end + 1, 0) if end < 3 else None,
+                    variants={"base": {"store_root": tmp_path / "paired.base.zarr", "captures": caps,
+                                       "boundary_in": boundary_path(chain, start, 0, "base") if start else None,
+                                       "boundary_out": boundary_path(chain, end + 1, 0, "base") if end < 3 else None}})
+    ids, offsets = load_tokens(ds)
+    arrays = [(L, s, v["positions"]) for L, v in layers.items() for s in v["sites"]]
+    for name in ("paired", "paired.base"):
+        finalize(tmp_path / f"{name}.zarr", arrays, 1, ids, offsets, {"run": "test"})
+    same = lambda a, b: {k: v for k, v in files(a).items() if k != "zarr.json"} == \
+        {k: v for k, v in files(b).items() if k != "zarr.json"}  # noqa: E731 (root attrs name the variant)
+    assert same(tmp_path / "paired.base.zarr", plain)
+    assert same(tmp_path / "paired.zarr", adapted)
+    assert not same(plain, adapted)  # the adapter changes something, so the two passes really differ
+
+
+def test_workflow_captures_base_and_adapter_variants(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import layerscope
+    from tests.conftest import copy_inputs, run_snakemake
+
+    wd = copy_inputs(tmp_path)
+    cfg = yaml.safe_load((wd / "config" / "config.yaml").read_text())
+    cfg["adapter"] = {"id": "builtin:lora"}
+    cfg["capture"] |= {"sites": ["resid_post", "lora_a"], "lora_modules": ["down_proj"], "variants": ["base", "adapter"]}
+    (wd / "config" / "v.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_snakemake(wd, "--cores", "2", configfile=wd / "config" / "v.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = wd / "results" / "demo"
+    adapter, base = layerscope.open(run_dir), layerscope.open(run_dir, "base")
+    assert adapter.metadata["variants"] == {"adapter": "activations.zarr", "base": "activations.base.zarr"}
+    assert (1, "lora_a.mlp.down_proj") in adapter.arrays and (1, "lora_a.mlp.down_proj") not in base.arrays
+    assert [a for a in adapter.arrays if not a[1].startswith("lora")] == base.arrays
+    a, b = adapter.activations(3, "resid_post").numpy(), base.activations(3, "resid_post").numpy()
+    assert a.shape == b.shape and not np.allclose(a, b)
+    out = subprocess.run([sys.executable, "-m", "layerscope", "compare", f"{run_dir}:base", str(run_dir), "--json",
+                          "--sites", "resid_post"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["rows"]
+    assert rows and all(r["rel_l2"] > 0 for r in rows)
+    again = run_snakemake(wd, "-n", configfile=wd / "config" / "v.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr

@@ -134,6 +134,20 @@ class Plan:
     lora: dict[int, dict[str, list[int]]] | None = None  # the adapter's modules, where LoRA sites need them
 
     @property
+    def main_variant(self) -> str:
+        """What the main store (activations.zarr) holds: the adapter's model, or the model alone."""
+        return "adapter" if self.adapter is not None else "base"
+
+    @property
+    def variants(self) -> list[str]:
+        """Every variant captured, the main one first."""
+        return self.config["capture"]["variants"]
+
+    @property
+    def extra_variants(self) -> list[str]:
+        return self.variants[1:]
+
+    @property
     def widths(self) -> Widths:
         return Widths(self.dims.hidden_size, self.dims.intermediate_size, self.lora or {})
 
@@ -165,9 +179,12 @@ class Plan:
         """(layer, site) pairs captured for ``layers`` (default: all planned layers)."""
         return [(L, s) for L in (self.layers if layers is None else layers) for s in self.settings[L]["sites"]]
 
-    def captures(self, block: Block) -> list[tuple[int, str, str]]:
-        """(layer, site, positions) of every array a block's job writes."""
-        return [(L, s, self.settings[L]["positions"]) for L in block.layers for s in self.settings[L]["sites"]]
+    def captures(self, block: Block, variant: str | None = None) -> list[tuple[int, str, str]]:
+        """(layer, site, positions) of every array a block's job writes into ``variant``'s store
+        (default: the main one); a base variant beside an adapter has no LoRA sites."""
+        lora_ok = variant in (None, self.main_variant)
+        return [(L, s, self.settings[L]["positions"]) for L in block.layers for s in self.settings[L]["sites"]
+                if lora_ok or split_site(s)[0] not in LORA_SITES]
 
     def recorded_config(self) -> dict[str, Any]:
         """The config as ``run_config.json`` records it: everything that decides the data, without the
@@ -266,6 +283,15 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         settings[L].update(copy.deepcopy(over))
     if problem := check_capture(dims.model_type, dims.architecture, cap):
         raise ConfigError(f"config error: {problem}")
+    main = "adapter" if adapter is not None else "base"
+    variants = cap["variants"] or [main]
+    if "adapter" in variants and adapter is None:
+        raise ConfigError("config error: capture.variants: 'adapter' is the model with its adapter, and adapter: is "
+                          "null; name one (adapter.id) or capture only [base]")
+    if main not in variants:
+        raise ConfigError(f"config error: capture.variants: {variants} leaves out {main!r}, which the main store "
+                          "(activations.zarr) holds; to capture the model without its adapter, set adapter: null")
+    cap["variants"] = [main] + sorted(v for v in variants if v != main)
     lora = None
     if any(split_site(s)[0] in LORA_SITES for v in settings.values() for s in v["sites"]):
         lora = adapter_modules(adapter, model, cfg["hub_cache"], allow_download)

@@ -85,8 +85,10 @@ def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_cod
 
 def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: dict, part: int, markers: list[str],
             device: str, group: str, threads: int, boundary_in: str | None = None,
-            boundary_out: str | None = None) -> dict:
-    """One capture job; what it captures is read from its completion markers' paths."""
+            boundary_out: str | None = None, variant_boundaries: dict | None = None) -> dict:
+    """One capture job; what it captures, and into which variant's store, is read from its
+    completion markers' paths (``activations.zarr`` is the main store, ``activations.base.zarr``
+    the base variant's); ``variant_boundaries``: variant -> (boundary in, boundary out)."""
     from layerscope.capture.gpus import assign
 
     device = assign(device)  # before torch starts CUDA: a job on a multi-GPU machine gets a GPU of its own
@@ -96,18 +98,34 @@ def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: d
     from layerscope.store.layout import parse_marker
 
     torch.set_num_threads(max(1, threads))
-    captures = [parse_marker(m) for m in markers]
+    main_store = Path(store).resolve()
+    captures: list = []
+    variants: dict[str, dict] = {name: {"store_root": None, "captures": [], "boundary_in": b_in, "boundary_out": b_out}
+                                 for name, (b_in, b_out) in (variant_boundaries or {}).items()}
+    for m in markers:
+        root = Path(m).parents[3]
+        if root.resolve() == main_store:
+            captures.append(parse_marker(m))
+            continue
+        name = root.name.removeprefix("activations.").removesuffix(".zarr")
+        v = variants.setdefault(name, {"store_root": None, "captures": [], "boundary_in": None, "boundary_out": None})
+        v["store_root"] = str(root)
+        v["captures"].append(parse_marker(m))
+    for name, v in variants.items():
+        if v["store_root"] is None:  # a variant that captures nothing in this block still relays its stream
+            v["store_root"] = str(main_store.with_name(f"activations.{name}.zarr"))
     return run_capture(load_manifest(manifest, adapter), dataset_dir, store, params, part, captures, device=device,
-                       boundary_in=boundary_in, boundary_out=boundary_out, group=group)
+                       boundary_in=boundary_in, boundary_out=boundary_out, group=group, variants=variants)
 
 
-def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str) -> None:
+def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str, variant: str | None = None) -> None:
     from layerscope import __version__
     from layerscope.data.dataset import load_tokens
     from layerscope.store.layout import finalize
 
     ids, offsets = load_tokens(dataset_dir)
-    finalize(store, [tuple(a) for a in arrays], parts, ids, offsets, {"run": run, "version": __version__})
+    attrs = {"run": run, "version": __version__} | ({"variant": variant} if variant else {})
+    finalize(store, [tuple(a) for a in arrays], parts, ids, offsets, attrs)
     log.info("store %s finalized: %d arrays x %d parts", store, len(arrays), parts)
 
 

@@ -39,16 +39,30 @@ wildcard_constraints:
     part=r"\d+",
 
 
+def store_of(variant):
+    """The store of a variant: the main one, or activations.{variant}.zarr beside it."""
+    return STORE if variant == PLAN.main_variant else f"{RESULTS}/activations.{variant}.zarr"
+
+
+def variant_suffix(variant):
+    return "" if variant == PLAN.main_variant else variant
+
+
 def capture_outputs(block):
-    """Outputs of one block's job: a completion marker per array it captures (inside the
-    array, named by part and position mode), and the residual stream it hands on."""
-    out = {
-        f"m{i}": str(marker_path(STORE, L, s, "{part}", pos))
-        for i, (L, s, pos) in enumerate(PLAN.captures(block))
-    }
+    """Outputs of one block's job: a completion marker per array it captures, in each variant's
+    store (inside the array, named by part and position mode), and the residual stream of each
+    variant it hands on."""
+    markers = [
+        str(marker_path(store_of(v), L, s, "{part}", pos))
+        for v in PLAN.variants
+        for L, s, pos in PLAN.captures(block, v)
+    ]
+    out = {f"m{i}": m for i, m in enumerate(markers)}
     if block.writes_boundary:
-        b = boundary_path(RESULTS, block.end + 1, "{part}")
-        out["boundary"] = temp(str(b)) if config["capture"]["boundaries"] == "temp" else str(b)
+        for v in PLAN.variants:
+            b = str(boundary_path(RESULTS, block.end + 1, "{part}", variant_suffix(v)))
+            key = "boundary" + ("_" + v if variant_suffix(v) else "")
+            out[key] = temp(b) if config["capture"]["boundaries"] == "temp" else b
     return out
 
 
@@ -64,24 +78,35 @@ def capture_inputs(block):
         # ancient: a re-run of the job below rewrites this file with the same content (it is a
         # function of the model, tokens and settings, all of which are this job's inputs and
         # params too), so only its absence, not its age, should matter here.
-        inputs["boundary"] = ancient(str(boundary_path(RESULTS, block.start, "{part}")))
+        for v in PLAN.variants:
+            key = "boundary" + ("_" + v if variant_suffix(v) else "")
+            inputs[key] = ancient(str(boundary_path(RESULTS, block.start, "{part}", variant_suffix(v))))
     return inputs
 
 
-def all_markers(wildcards):
+def markers_of(variant):
     return [
-        str(marker_path(STORE, L, s, p, pos))
+        str(marker_path(store_of(variant), L, s, p, pos))
         for b in PLAN.blocks
-        for L, s, pos in PLAN.captures(b)
+        for L, s, pos in PLAN.captures(b, variant)
         for p in range(PLAN.parts)
     ]
+
+
+def all_markers(wildcards):
+    return markers_of(wildcards.get("variant", PLAN.main_variant))
 
 
 def missing_markers(wildcards):
     """Markers not on disk. Snakemake does not re-create a missing intermediate file when what
     depends on it is up to date; asking for exactly these makes a deleted array re-run its job
     (and keeps the listing of `all` short when nothing is missing)."""
-    return [m for m in all_markers(wildcards) if not os.path.exists(m)]
+    return [m for v in PLAN.variants for m in markers_of(v) if not os.path.exists(m)]
+
+
+def variant_stores(wildcards=None):
+    """The finished stores of the variants beside the main one."""
+    return [f"{store_of(v)}/zarr.json" for v in PLAN.extra_variants]
 
 
 def missing_boundaries(wildcards):
@@ -89,10 +114,11 @@ def missing_boundaries(wildcards):
     if config["capture"]["boundaries"] != "keep":
         return []
     paths = (
-        boundary_path(RESULTS, b.end + 1, p)
+        boundary_path(RESULTS, b.end + 1, p, variant_suffix(v))
         for b in PLAN.blocks
         if b.writes_boundary
         for p in range(PLAN.parts)
+        for v in PLAN.variants
     )
     return [str(b) for b in paths if not b.exists()]
 

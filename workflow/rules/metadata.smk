@@ -1,6 +1,7 @@
 rule metadata:
     input:
         store=f"{STORE}/zarr.json",
+        variants=variant_stores,
         manifest=MANIFEST,
         adapter=ADAPTER,
         examples=f"{DATASET}/examples.jsonl",

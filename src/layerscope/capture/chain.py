@@ -30,9 +30,10 @@ FORMAT = "layerscope-boundary-1"
 ST_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
 
 
-def boundary_path(results: str | os.PathLike, layer: int, part: int | str) -> Path:
-    """The residual stream entering ``layer`` for ``part`` of the examples."""
-    return Path(results) / "boundaries" / f"L{layer:02d}_part{part}.safetensors"
+def boundary_path(results: str | os.PathLike, layer: int, part: int | str, variant: str = "") -> Path:
+    """The residual stream entering ``layer`` for ``part`` of the examples (of ``variant``, where
+    it is not the main one)."""
+    return Path(results) / "boundaries" / f"L{layer:02d}_part{part}{'.' + variant if variant else ''}.safetensors"
 
 
 def part_examples(offsets: np.ndarray, widths: set[int], dtype: str, parts: int,

@@ -57,6 +57,9 @@ def build_metadata(config: dict[str, Any], manifest: dict[str, Any], examples: l
         "parts": cap["parts"],
         "layers_per_job": cap["layers_per_job"],
         "store": "activations.zarr",
+        # which forward pass each store holds: the main one, then e.g. the base model beside an adapter
+        "variants": {v: "activations.zarr" if i == 0 else f"activations.{v}.zarr"
+                     for i, v in enumerate(cap.get("variants") or ["adapter" if a else "base"])},
         "layerscope_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -198,7 +198,9 @@ class Activations:
 class Run:
     """A finished LayerScope run directory (``results/{run}``)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, variant: str | None = None) -> None:
+        """``variant``: which forward pass to read where the run captured several (``base`` beside
+        an adapter); None reads the main store."""
         import zarr
 
         self.path = Path(path)
@@ -207,21 +209,31 @@ class Run:
             raise IncompleteRunError(f"{self.path}: no metadata.json; the workflow has not finished this run "
                                      "(run snakemake) or this is not a LayerScope run directory")
         self.metadata: dict[str, Any] = read_json(meta)
+        stores = self.variants
+        if variant is not None and variant not in stores:
+            raise LayerScopeError(f"{self.path}: no variant {variant!r}; it has {', '.join(stores)} "
+                                  "(capture.variants)")
+        self.variant = variant or next(iter(stores))
+        self.store_path = self.path / stores[self.variant]
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-                self.group = zarr.open_group(str(self.path / STORE), mode="r", zarr_format=3,
-                                             use_consolidated=True)
+                self.group = zarr.open_group(str(self.store_path), mode="r", zarr_format=3, use_consolidated=True)
         except Exception as e:
-            raise IncompleteRunError(f"{self.path / STORE}: store is missing or unfinished ({e})") from e
+            raise IncompleteRunError(f"{self.store_path}: store is missing or unfinished ({e})") from e
         from layerscope.store.layout import check_complete
 
-        check_complete(self.path / STORE, dict(self.group.attrs))
+        check_complete(self.store_path, dict(self.group.attrs))
         self._info = dict(self.group.attrs)["layerscope"]
         self._markers: dict[str, PartMarkers] = {}
         self.offsets: np.ndarray = self.group["tokens/offsets"][:]
         for msg in model_changes(self.path):
             warnings.warn(msg, UserWarning, stacklevel=3)
+
+    @property
+    def variants(self) -> dict[str, str]:
+        """Variant -> store directory name, the main store first (one entry for a run of one pass)."""
+        return self.metadata.get("variants") or {"main": STORE}
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}: {self.metadata.get('model_name')}, {len(self)} examples, "
@@ -289,17 +301,17 @@ class Run:
             e0, e1 = self.splits[split]
         markers = self._markers.get(key)
         if markers is None and key in self._info["jobs"]:
-            markers = self._markers[key] = PartMarkers(self.path / STORE, key, self._info["jobs"][key],
+            markers = self._markers[key] = PartMarkers(self.store_path, key, self._info["jobs"][key],
                                                                 self._info["positions"][key])
         if markers is not None:
             markers.check()
-        return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.path / STORE / key, markers=markers)
+        return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.store_path / key, markers=markers)
 
     def iter_shards(self, layer: int, site: str = "resid_post", split: str | None = None):
         return self.activations(layer, site, split).iter_shards()
 
     def bytes_on_disk(self, layer: int | None = None, site: str | None = None) -> int:
-        root = self.path / STORE
+        root = self.store_path
         if layer is not None:
             root = root / f"layer_{self.layer_index(layer):02d}" / (site or "")
         return builtins.sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
@@ -350,6 +362,6 @@ def model_changes(run_dir: str | os.PathLike) -> list[str]:
     return out
 
 
-def open(path: str | os.PathLike) -> Run:  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
-    """Open a finished run directory (``results/{run}``)."""
-    return Run(path)
+def open(path: str | os.PathLike, variant: str | None = None) -> Run:  # noqa: A001 - mirrors zarr.open
+    """Open a finished run directory (``results/{run}``); ``variant`` picks a store of capture.variants."""
+    return Run(path, variant)

@@ -1,9 +1,9 @@
 """``RUN[:VARIANT]`` references: a run directory, optionally naming one variant of its store.
 
-A variant is a second capture of the same tokens from the same model load (base vs adapter).
-None are stored yet: this module is the one place that parses the suffix and turns it into
-something readable, so that commands taking a run (``compare``, ``export``) gain variants when
-``run_variants`` and ``resolve_variant`` learn to find them.
+A variant is another forward pass over the same tokens from the same model load (``base``: the
+model with its adapter switched off, beside the main ``adapter`` store; see capture.variants).
+This module is the one place that parses the suffix and turns it into something readable, for
+every command taking a run (``compare``, ``export``).
 """
 
 from __future__ import annotations
@@ -33,17 +33,19 @@ def parse_run_ref(text: str) -> tuple[str, str | None]:
 
 
 def run_variants(run: Run) -> list[str]:
-    """Names of the variants ``run`` stores besides its default store; none can be stored yet."""
-    return []
+    """Names of the variants ``run`` stores besides its main store."""
+    return list(run.variants)[1:]
 
 
 def resolve_variant(run: Run, variant: str | None) -> Run:
-    """The run to read for ``variant`` (None: the run's default store), or one error listing what exists."""
-    if variant is None:
+    """The run to read for ``variant`` (None: the main store), or one error listing what exists."""
+    if variant is None or variant == run.variant:
         return run
+    if variant in run.variants:
+        return Run(run.path, variant)
     names = run_variants(run)
-    have = (f"its variants are {', '.join(names)}" if names
-            else "it has no variants, only its default store (name the run without ':VARIANT')")
+    have = (f"its variants are {', '.join(names)} besides its main store ({next(iter(run.variants))})" if names
+            else "it has no variants, only its main store (name the run without ':VARIANT')")
     raise LayerScopeError(f"{run.path}: no variant {variant!r}; {have}")
 
 
