@@ -50,6 +50,8 @@ TABLE = [
     ("capture.batch_size", 2, SET + CAPTURES + DOWN),
     ("capture.length_window", 1, SET + CAPTURES + DOWN),
     ("capture.padding_side", "left", SET + CAPTURES + DOWN),
+    ("capture.variants", ["base"], []),  # what `null` means without an adapter
+    ("capture.lora_modules", ["down_proj"], []),  # no LoRA site to expand
     ("capture.device", "cpu", []),
     ("capture.threads", 1, []),
     ("capture.boundaries", "temp", []),
