@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             order = ["paired", "adapter", "base", "load"]
             for method in order[rep % 4:] + order[:rep % 4]:
-                out = scratch / method
+                out = scratch / f"out-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 t = time.perf_counter()
                 if method == "paired":
