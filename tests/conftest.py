@@ -109,3 +109,17 @@ def _package_logging():
         logger.removeHandler(h)
         h.close()
     logger.propagate = True
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo) -> Path:
+    """The demo's run directory (results/demo)."""
+    return demo / "results/demo"
+
+
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory) -> Path:
+    """A second finished run on the demo's tokens (tests/second_run.py)."""
+    from tests.second_run import second_run
+
+    return second_run(tmp_path_factory)

@@ -17,17 +17,6 @@ from layerscope.analysis.compare import compare
 from layerscope.errors import LayerScopeError
 from layerscope.store.variants import parse_run_ref
 from tests.conftest import REPO
-from tests.second_run import second_run
-
-
-@pytest.fixture(scope="module")
-def demo_run(demo) -> Path:
-    return demo / "results/demo"
-
-
-@pytest.fixture(scope="module")
-def other_run(tmp_path_factory) -> Path:
-    return second_run(tmp_path_factory)
 
 
 def vectors(run_dir: Path, layer: int, site: str, split: str, positions: str) -> np.ndarray:

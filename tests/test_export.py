@@ -28,16 +28,6 @@ SEED001_KEYS = ["model_name", "dataset_name", "split", "load_in_4bit", "total_ex
                 "hidden_dim", "num_layers"]
 
 
-@pytest.fixture(scope="module")
-def demo_run(demo) -> Path:
-    return demo / "results/demo"
-
-
-@pytest.fixture(scope="module")
-def other_run(tmp_path_factory) -> Path:
-    return second_run(tmp_path_factory)
-
-
 def stored(run_dir: Path, layer: int, site: str) -> np.ndarray:
     """The whole array as its logical values, by hand: bfloat16 bit patterns shifted into float32."""
     arr = zarr.open_array(str(run_dir / f"activations.zarr/layer_{layer:02d}/{site}"), mode="r")

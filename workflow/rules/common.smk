@@ -48,6 +48,11 @@ def variant_suffix(variant):
     return "" if variant == PLAN.main_variant else variant
 
 
+def boundary_key(variant):
+    """The name of a variant's boundary among a capture job's inputs and outputs."""
+    return f"boundary_{variant}" if variant_suffix(variant) else "boundary"
+
+
 def capture_outputs(block):
     """Outputs of one block's job: a completion marker per array it captures, in each variant's
     store (inside the array, named by part and position mode), and the residual stream of each
@@ -61,8 +66,7 @@ def capture_outputs(block):
     if block.writes_boundary:
         for v in PLAN.variants:
             b = str(boundary_path(RESULTS, block.end + 1, "{part}", variant_suffix(v)))
-            key = "boundary" + ("_" + v if variant_suffix(v) else "")
-            out[key] = temp(b) if config["capture"]["boundaries"] == "temp" else b
+            out[boundary_key(v)] = temp(b) if config["capture"]["boundaries"] == "temp" else b
     return out
 
 
@@ -79,8 +83,7 @@ def capture_inputs(block):
         # function of the model, tokens and settings, all of which are this job's inputs and
         # params too), so only its absence, not its age, should matter here.
         for v in PLAN.variants:
-            key = "boundary" + ("_" + v if variant_suffix(v) else "")
-            inputs[key] = ancient(str(boundary_path(RESULTS, block.start, "{part}", variant_suffix(v))))
+            inputs[boundary_key(v)] = ancient(str(boundary_path(RESULTS, block.start, "{part}", variant_suffix(v))))
     return inputs
 
 
