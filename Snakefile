@@ -25,6 +25,7 @@ include: "workflow/rules/capture.smk"
 include: "workflow/rules/store.smk"
 include: "workflow/rules/metadata.smk"
 include: "workflow/rules/dashboard.smk"
+include: "workflow/rules/steering.smk"
 
 
 rule all:
@@ -33,4 +34,5 @@ rule all:
         f"{RESULTS}/dashboard/index.html",
         missing_markers,
         missing_boundaries,
+        steering_summaries,
     default_target: True

@@ -52,6 +52,9 @@ TABLE = [
     ("capture.padding_side", "left", SET + CAPTURES + DOWN),
     ("capture.variants", ["base"], []),  # what `null` means without an adapter
     ("capture.lora_modules", ["down_proj"], []),  # no LoRA site to expand
+    ("steering.vectors", {"c": {"contrast": {"layer": 1, "split_a": "EM", "split_b": "Neutral"}}}, []),  # unused
+    ("steering.runs", [], []),
+    ("steering.regions", 8, []),  # no steered run to summarise
     ("capture.device", "cpu", []),
     ("capture.threads", 1, []),
     ("capture.boundaries", "temp", []),

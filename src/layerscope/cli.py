@@ -205,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--padding", choices=["left", "right"], default="left",
                     help="seed004: pad side of [n, seq_len, hidden] (default left: acts[i, -1] is the last token)")
     ex.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    es = sub.add_parser("export-steering", help="write a steered run as seed 000's JSON files, one per example")
+    es.add_argument("run", help="the run directory (results/RUN)")
+    es.add_argument("target", help="the steered run, e.g. happy_L16_s2 (see results/RUN/steering/)")
+    es.add_argument("--out", required=True, help="the directory to write (replaced whole, at the end)")
+    es.add_argument("--regions", type=int, default=64, help="regions each layer is downsampled to (default 64)")
+    es.add_argument("--force", action="store_true", help="replace a non-empty --out")
     cmp = sub.add_parser("compare", help="compare two runs on the same tokens, per layer x site x split")
     cmp.add_argument("run_a", help="run A: a run directory, optionally with :VARIANT")
     cmp.add_argument("run_b", help="run B, likewise")
@@ -219,6 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             plan_run(args.configfile, args.directory, args.json)
+        elif args.command == "export-steering":
+            from layerscope.interop.steering import export_steering
+
+            dest = export_steering(args.run, args.target, args.out, args.regions, args.force)
+            print(f"exported steered run {args.target} to {dest}: {len(list(dest.glob('*.json')))} files")
         elif args.command == "export":
             export_run(args.run, args.fmt, args.out, args.layers, args.sites, args.force, args.shard_size,
                        args.padding)

@@ -10,7 +10,7 @@ import copy
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from layerscope.errors import ConfigError, ModelError
 from layerscope.models.adapters import LORA_SITES, matches, split_site
 from layerscope.models.architectures import Widths, check_capture
 from layerscope.models.loading import Dims, ModelRef, dims_from_config, parse_ref, peek_config
+from layerscope.steering.targets import Target, targets
 
 SITES = ("resid_post", "attn_out", "mlp_out", "mlp_act")
 
@@ -132,6 +133,15 @@ class Plan:
     layers: list[int]
     settings: dict[int, dict[str, Any]]  # layer -> {"sites": [...], "positions": ...}
     lora: dict[int, dict[str, list[int]]] | None = None  # the adapter's modules, where LoRA sites need them
+    steering: list[Target] = field(default_factory=list)
+
+    def target(self, name: str) -> Target:
+        return next(t for t in self.steering if t.name == name)
+
+    def steered_blocks(self, name: str) -> list[Block]:
+        """The blocks a steered run re-runs: from the one holding its layer up."""
+        layer = self.target(name).layer
+        return [b for b in self.blocks if b.end >= layer]
 
     @property
     def main_variant(self) -> str:
@@ -182,7 +192,7 @@ class Plan:
     def captures(self, block: Block, variant: str | None = None) -> list[tuple[int, str, str]]:
         """(layer, site, positions) of every array a block's job writes into ``variant``'s store
         (default: the main one); a base variant beside an adapter has no LoRA sites."""
-        lora_ok = variant in (None, self.main_variant)
+        lora_ok = variant in (None, self.main_variant) or variant.startswith("steer-")  # steered: the main model
         return [(L, s, self.settings[L]["positions"]) for L in block.layers for s in self.settings[L]["sites"]
                 if lora_ok or split_site(s)[0] not in LORA_SITES]
 
@@ -195,6 +205,7 @@ class Plan:
         for key in ("device", "threads", "boundaries"):
             del cfg["capture"][key]
         del cfg["dashboard"]
+        del cfg["steering"]  # steered runs record their own provenance; they change nothing of the normal run
         if self.model.kind != "hub" and (self.adapter is None or self.adapter.kind != "hub"):
             del cfg["hub_cache"]
         for key, ref in (("model", self.model), ("adapter", self.adapter)):
@@ -300,7 +311,12 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     # rewritten with its keys in another order would otherwise re-run every job.
     cfg = json.loads(dumps_stable(cfg))
     settings = {L: json.loads(dumps_stable(v)) for L, v in settings.items()}
-    return Plan(cfg, base, model, adapter, dims, layers, settings, lora)
+    steer = targets(cfg["steering"], dims.num_layers, base, {L: v["sites"] for L, v in settings.items()})
+    for t in steer:
+        if t.layer > max(layers):
+            raise ConfigError(f"config error: steering.runs: {t.name} steers layer {t.layer}, above every captured "
+                              f"layer (the highest is {max(layers)}): nothing would show its effect")
+    return Plan(cfg, base, model, adapter, dims, layers, settings, lora, steer)
 
 
 SITE_NAME = re.compile(r"^(resid_post|attn_out|mlp_out|mlp_act|lora_a|lora_delta|lora_(a|delta)(\.[A-Za-z0-9_]+)+)$")

@@ -85,7 +85,8 @@ def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_cod
 
 def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: dict, part: int, markers: list[str],
             device: str, group: str, threads: int, boundary_in: str | None = None,
-            boundary_out: str | None = None, variant_boundaries: dict | None = None) -> dict:
+            boundary_out: str | None = None, variant_boundaries: dict | None = None, steer: dict | None = None,
+            vector: str | None = None) -> dict:
     """One capture job; what it captures, and into which variant's store, is read from its
     completion markers' paths (``activations.zarr`` is the main store, ``activations.base.zarr``
     the base variant's); ``variant_boundaries``: variant -> (boundary in, boundary out)."""
@@ -114,8 +115,41 @@ def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: d
     for name, v in variants.items():
         if v["store_root"] is None:  # a variant that captures nothing in this block still relays its stream
             v["store_root"] = str(main_store.with_name(f"activations.{name}.zarr"))
+    if steer is not None:  # a steered run: the concept's vector (its row for the layer, if one per layer)
+        import numpy as np
+
+        from layerscope.steering.vectors import vector_at
+
+        steer = {**steer, "vector": vector_at(np.load(vector, allow_pickle=False), steer["layer"])}
     return run_capture(load_manifest(manifest, adapter), dataset_dir, store, params, part, captures, device=device,
-                       boundary_in=boundary_in, boundary_out=boundary_out, group=group, variants=variants)
+                       boundary_in=boundary_in, boundary_out=boundary_out, group=group, variants=variants or None,
+                       steer=steer)
+
+
+def steering_vector(spec: dict, base_dir: str, run_dir: str, num_layers: int, hidden: int, out: str,
+                    info_out: str) -> None:
+    """A concept's vector, from its file or the contrast of two splits, with its provenance."""
+    import numpy as np
+
+    from layerscope.steering.vectors import make_vector
+
+    vec, info = make_vector(spec, base_dir, run_dir, num_layers, hidden)
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, vec, allow_pickle=False)
+    os.replace(tmp, out)
+    write_json(info_out, info)
+    log.info("steering vector %s: %s, shape %s", Path(out).stem, info["source"], info["shape"])
+
+
+def steering_summary(run_dir: str, target: dict, vector: str, regions: int, out: str) -> None:
+    import numpy as np
+
+    from layerscope.analysis.steering import summarize as _summarize
+
+    s = _summarize(run_dir, target, np.load(vector, allow_pickle=False), regions)
+    write_json(out, s)
+    log.info("steered run %s: peak layer %s, total intensity %.4g", target["name"], s["peak_layer"],
+             s["total_intensity"])
 
 
 def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str, variant: str | None = None) -> None:

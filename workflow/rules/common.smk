@@ -88,6 +88,8 @@ def capture_inputs(block):
 
 
 def markers_of(variant):
+    if variant.startswith("steer-"):
+        return steer_markers(variant.removeprefix("steer-"))
     return [
         str(marker_path(store_of(variant), L, s, p, pos))
         for b in PLAN.blocks
@@ -173,3 +175,58 @@ def apply_capture_overrides(names):
         r.resources.update(Resources.from_mapping(settings.overwrite_resources.get(name, {})))
         if threads is not None and name not in settings.overwrite_threads:
             r.resources["_cores"] = threads
+
+
+def steer_store(target):
+    return f"{RESULTS}/activations.steer-{target}.zarr"
+
+
+def steer_outputs(block):
+    """A steered block's outputs: its markers in the steered run's store, and its boundary."""
+    out = {
+        f"m{i}": str(marker_path(steer_store("{target}"), L, s, "{part}", pos))
+        for i, (L, s, pos) in enumerate(PLAN.captures(block))
+    }
+    if block.writes_boundary:
+        b = str(boundary_path(RESULTS, block.end + 1, "{part}", "steer-{target}"))
+        out["boundary"] = temp(b) if config["capture"]["boundaries"] == "temp" else b
+    return out
+
+
+def steer_inputs(block):
+    """A steered block reads the normal run's boundary where its chain starts (the block holding the
+    steered layer), else the steered boundary below it."""
+
+    def inputs(wildcards):
+        t = PLAN.target(wildcards.target)
+        ins = capture_inputs(block) | {"vector": f"{RESULTS}/steering/vectors/{t.concept}.npy"}
+        ins.pop("boundary", None)
+        for v in PLAN.extra_variants:
+            ins.pop(f"boundary_{v}", None)
+        if block.reads_boundary:
+            first = block.start <= t.layer
+            ins["boundary"] = ancient(str(boundary_path(RESULTS, block.start, wildcards.part,
+                                                        "" if first else f"steer-{t.name}")))
+        return ins
+
+    return inputs
+
+
+def steer_markers(target):
+    return [
+        str(marker_path(steer_store(target), L, s, p, pos))
+        for b in PLAN.steered_blocks(target)
+        for L, s, pos in PLAN.captures(b)
+        for p in range(PLAN.parts)
+    ]
+
+
+def vector_inputs(wildcards):
+    spec = config["steering"]["vectors"][wildcards.concept]
+    if "file" in spec:
+        return {"file": spec["file"]}
+    return {"metadata": f"{RESULTS}/metadata.json", "store": f"{STORE}/zarr.json"}
+
+
+def steering_summaries(wildcards=None):
+    return [f"{RESULTS}/steering/{t.name}/summary.json" for t in PLAN.steering]

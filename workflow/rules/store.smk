@@ -30,10 +30,18 @@ rule store_variant:
     output:
         root=f"{RESULTS}/activations.{{variant}}.zarr/zarr.json",
     wildcard_constraints:
-        variant="base",
+        variant=r"base|steer-[A-Za-z0-9][A-Za-z0-9_.-]*",
     params:
         store=lambda w, output: os.path.dirname(output.root),
-        arrays=lambda w: [list(c) for b in PLAN.blocks for c in PLAN.captures(b, w.variant)],
+        arrays=lambda w: [
+            list(c)
+            for b in (
+                PLAN.steered_blocks(w.variant.removeprefix("steer-"))
+                if w.variant.startswith("steer-")
+                else PLAN.blocks
+            )
+            for c in PLAN.captures(b, w.variant)
+        ],
         parts=PLAN.parts,
         run=RUN,
         variant=lambda w: w.variant,

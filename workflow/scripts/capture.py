@@ -12,4 +12,6 @@ run_step(sm.log[0], capture, manifest=sm.input.manifest, adapter=sm.input.adapte
          device=sm.config["capture"]["device"], group=sm.params.group, threads=sm.threads,
          boundary_in=ins.get("boundary"), boundary_out=out.get("boundary"),
          variant_boundaries={k.removeprefix("boundary_"): (ins.get(k), out.get(k))
-                             for k in {*ins, *out} if k.startswith("boundary_")})
+                             for k in {*ins, *out} if k.startswith("boundary_")},
+         # steer_* rules: a steered run and its vector
+         steer=sm.params.get("steer"), vector=ins.get("vector"))

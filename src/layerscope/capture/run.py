@@ -109,16 +109,32 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
                 params: dict[str, Any], part: int, captures: list[tuple[int, str, str]], device: str = "auto",
                 boundary_in: str | os.PathLike | None = None, boundary_out: str | os.PathLike | None = None,
                 group: str = "", loaded: tuple[Any, Any] | None = None,
-                variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                variants: dict[str, dict[str, Any]] | None = None, steer: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run decoder layers ``params["block"]`` over this part of the examples: capture ``captures``
     into the store (with completion markers), read the residual stream entering the block from
     ``boundary_in`` (None: start from the embeddings) and write the one leaving it to ``boundary_out``.
 
     ``variants``: more forward passes on the same tokens, by name (``base``: the adapter
     disabled), each ``{"store_root", "captures", "boundary_in", "boundary_out"}``.
+    ``steer``: a steered run (``{"name", "layer", "strength", "positions", "vector"}``): the
+    vector times the strength is added to the residual stream leaving ``layer`` (if this block
+    holds it; above it, the steered stream arrives through the boundaries). A steered chain
+    starts from the normal run's boundary entering the block that holds the layer.
     ``loaded`` is an already loaded (model, tokenizer) pair on ``device``, to skip loading.
     """
     t_start = time.perf_counter()
+    normal_params = params
+    if steer is not None:
+        if variants:
+            raise ModelError("capture: a steered run has no variants")
+        vec = np.ascontiguousarray(steer["vector"], dtype=np.float32)
+        if vec.shape != (manifest["model"]["hidden_size"],):
+            raise ModelError(f"steering {steer['name']}: vector of shape {list(vec.shape)}, the model's residual "
+                             f"stream is {manifest['model']['hidden_size']} wide")
+        steer = {**steer, "vector": vec}
+        # what the steered stream is computed from: its boundaries must not pass for the normal ones
+        params = {**params, "steer": {k: v for k, v in steer.items() if k != "vector"}
+                  | {"vector_sha256": hashlib.sha256(vec.tobytes()).hexdigest()}}
     m = manifest["model"]
     start, end = params["block"]
     if not 0 <= start <= end < m["num_layers"]:
@@ -127,7 +143,7 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     token_ids, offsets = load_tokens(dataset_dir)
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     widths = Widths.of(manifest)
-    main = main_variant(manifest)
+    main = main_variant(manifest) if steer is None else f"steer-{steer['name']}"
     vs = [Variant(main, Path(store_root), captures, boundary_in, boundary_out)]
     for name, v in (variants or {}).items():
         if name == main or name not in ("base", "adapter") or (name == "adapter" and main != "adapter"):
@@ -141,7 +157,10 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
         for j in v.jobs:
             j.array_dir = v.root / f"layer_{j.layer:02d}" / j.site
             j.variant = "" if v.name == main else v.name
-        v.chain = Chain(manifest, params, offsets, spans, v.boundary_in, v.boundary_out, v.name)
+        # the first block of a steered chain reads the normal run's boundary
+        first_steered = steer is not None and start <= steer["layer"]
+        v.chain = Chain(manifest, params, offsets, spans, v.boundary_in, v.boundary_out, v.name,
+                        input_key=(normal_params, main_variant(manifest)) if first_steered else None)
     jobs = [j for v in vs for j in v.jobs]
     journal = Journal(progress_dir(store_root), f"{group or 'capture'}_part{part}",
                       progress_key(manifest, params, part, vs, spans))
@@ -162,7 +181,7 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     shared = JobStats()
     stats: dict[str, Any] = {"examples": [list(sp) for sp in spans], "tokens": vs[0].chain.tokens}
     stats["resumed"] = _capture_examples(manifest, params, device, vs, token_ids, offsets, part, group, journal,
-                                         shared, loaded)
+                                         shared, loaded, steer)
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["weight_mib"] = round(shared.weight_bytes / 2**20, 1)
@@ -210,7 +229,9 @@ class Chain:
     """The boundaries of one variant of a job: the residual stream it starts from and the one it hands on."""
 
     def __init__(self, manifest: dict[str, Any], params: dict[str, Any], offsets: np.ndarray,
-                 spans: list[tuple[int, int]], boundary_in, boundary_out, variant: str) -> None:
+                 spans: list[tuple[int, int]], boundary_in, boundary_out, variant: str,
+                 input_key: tuple[dict[str, Any], str] | None = None) -> None:
+        """``input_key``: (params, variant) the input boundary was written under, where not this job's."""
         self.start, self.end = params["block"]
         self.spans = spans
         self.variant = variant
@@ -226,7 +247,9 @@ class Chain:
                     "fingerprint": fingerprint(manifest, params), "variant": variant}
         self.input = Boundary(boundary_in) if boundary_in else None
         if self.input is not None:
-            self.input.check(layer=self.start, **self.key)
+            key = self.key if input_key is None else {**self.key, "fingerprint": fingerprint(manifest, input_key[0]),
+                                                      "variant": input_key[1]}
+            self.input.check(layer=self.start, **key)
         self.output_path = boundary_out
         self.output: BoundaryWriter | None = None
         self.routers: list[Router] = []
@@ -240,7 +263,7 @@ def fingerprint(manifest: dict[str, Any], params: dict[str, Any]) -> str:
 
 
 def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, offsets, part, group,
-                      journal: Journal, shared: JobStats, loaded=None) -> dict[str, int] | None:
+                      journal: Journal, shared: JobStats, loaded=None, steer=None) -> dict[str, int] | None:
     """Run the batches; returns what a resumed attempt kept (None when it started afresh)."""
     dev = resolve_device(device)
     m = manifest["model"]
@@ -309,6 +332,20 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
         h = batch["h_in"]
         return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
+    if steer is not None and first.start <= steer["layer"] <= first.end:
+        # First of the layer's forward hooks, so the captured resid_post and the boundary carry it.
+        vec = torch.as_tensor(steer["vector"] * steer["strength"], dtype=tdtype, device=dev)
+
+        def add_vector(mod, args, out):
+            h = S.first_tensor(out)
+            if steer["positions"] == "all":  # real tokens only: padding stays as the model left it
+                h = h + batch["mask"].unsqueeze(-1).to(h.dtype) * vec
+            else:
+                h = h.clone()
+                h[batch["rows"], batch["last"]] += vec
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handles.append(layer_mods[steer["layer"]].register_forward_hook(add_vector, prepend=True))
     lane = 0
     for v in vs:
         for i, j in enumerate(v.jobs):

@@ -210,6 +210,8 @@ class Run:
                                      "(run snakemake) or this is not a LayerScope run directory")
         self.metadata: dict[str, Any] = read_json(meta)
         stores = self.variants
+        if variant is not None and variant.startswith("steer-") and (self.path / f"activations.{variant}.zarr").is_dir():
+            stores = {**stores, variant: f"activations.{variant}.zarr"}  # a steered run (steering.runs)
         if variant is not None and variant not in stores:
             raise LayerScopeError(f"{self.path}: no variant {variant!r}; it has {', '.join(stores)} "
                                   "(capture.variants)")

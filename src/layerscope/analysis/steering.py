@@ -1,0 +1,69 @@
+"""What a steered run did downstream: the difference from the normal run, layer by layer.
+
+The difference arrays are not stored: steered minus normal is computed by the reader from the
+two stores when asked (a third copy of every array would cost as much disk as the steered run
+itself, and it is one subtraction away).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from layerscope.store.reader import Run
+
+
+def regions(x: np.ndarray, n: int) -> np.ndarray:
+    """Downsample the last axis into ``n`` regions, each the mean of its (near-equal) run of dims."""
+    bounds = np.linspace(0, x.shape[-1], n + 1).round().astype(int)
+    sums = np.add.reduceat(x, bounds[:-1], axis=-1)
+    return sums / np.diff(bounds)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den > 0 else 0.0
+
+
+def pairs(normal: Run, steered: Run, layer: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(example, normal rows, steered rows) of resid_post at ``layer``; below the steered run's
+    first block the two runs are the same stream, so the normal rows stand for both."""
+    a = normal.activations(layer, "resid_post")
+    b = steered.activations(layer, "resid_post") if (layer, "resid_post") in steered.arrays else a
+    for i in range(len(a)):
+        x = np.atleast_2d(np.asarray(a[i], dtype=np.float64))
+        y = np.atleast_2d(np.asarray(b[i], dtype=np.float64))
+        yield i, x, y
+
+
+def summarize(run_dir: str | os.PathLike, target: dict[str, Any], vector: np.ndarray, n_regions: int = 64,
+              top: int = 3) -> dict[str, Any]:
+    """Per layer over every token of the run: correlation of the mean difference with the injected
+    vector, mean L2 norm of the difference; the peak layer, total intensity, top correlated layers,
+    and per layer the mean normal / steered / difference in ``n_regions`` regions."""
+    normal, steered = Run(run_dir), Run(run_dir, f"steer-{target['name']}")
+    layers = [L for L in normal.layers if (L, "resid_post") in normal.arrays]
+    out: dict[str, Any] = {"target": target, "layers": layers, "correlation": {}, "intensity": {},
+                           "regions": {"normal": {}, "steered": {}, "difference": {}}, "n_regions": n_regions}
+    for L in layers:
+        v = vector if vector.ndim == 1 else vector[target["layer"]]
+        sums = {k: np.zeros(normal.metadata["hidden_dim"]) for k in ("normal", "steered", "difference")}
+        norm_sum, rows = 0.0, 0
+        for _, x, y in pairs(normal, steered, L):
+            d = y - x
+            sums["normal"] += x.sum(0)
+            sums["steered"] += y.sum(0)
+            sums["difference"] += d.sum(0)
+            norm_sum += float(np.linalg.norm(d, axis=1).sum())
+            rows += len(d)
+        out["correlation"][L] = _corr(sums["difference"] / max(rows, 1), v.astype(np.float64))
+        out["intensity"][L] = norm_sum / max(rows, 1)
+        for k, s in sums.items():
+            out["regions"][k][L] = regions(s / max(rows, 1), n_regions).round(6).tolist()
+    out["peak_layer"] = max(layers, key=lambda L: out["intensity"][L])
+    out["total_intensity"] = float(sum(out["intensity"].values()))
+    out["top_correlated_layers"] = sorted(layers, key=lambda L: -out["correlation"][L])[:top]
+    return out

@@ -1,0 +1,1 @@
+"""Steering: concept vectors added to the residual stream, and what they do downstream."""
