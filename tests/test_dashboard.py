@@ -363,6 +363,8 @@ def test_links_cell_to_neuron_card_and_back_to_the_example(browser, demo_page, r
     label = labels[1]
     p.keyboard.press("Enter")
     p.wait_for_function("location.hash.includes('v=tokens')")
+    # the hash changes first, the heatmap is drawn and its cell focused on the next frame (late on a busy machine)
+    p.wait_for_function("document.activeElement && document.activeElement.tagName === 'TD'")
     m = re.search(r"of (.+) \((?:EM|Neutral)\), position (\d+): ", label)
     e = next(ex["index"] for ex in run.examples if ex["id"] == m.group(1))
     pos = int(m.group(2))

@@ -206,6 +206,8 @@ class Plan:
             del cfg["capture"][key]
         del cfg["dashboard"]
         del cfg["steering"]  # steered runs record their own provenance; they change nothing of the normal run
+        if self.lora is None:  # without LoRA sites the module choice changes nothing
+            del cfg["capture"]["lora_modules"]
         if self.model.kind != "hub" and (self.adapter is None or self.adapter.kind != "hub"):
             del cfg["hub_cache"]
         for key, ref in (("model", self.model), ("adapter", self.adapter)):
