@@ -205,3 +205,17 @@ def test_workflow_captures_base_and_adapter_variants(tmp_path):
     assert rows and all(r["rel_l2"] > 0 for r in rows)
     again = run_snakemake(wd, "-n", configfile=wd / "config" / "v.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_adapter_of_another_base_model_is_refused_naming_both_shapes(tmp_path, model_factory, lora_adapter):
+    from layerscope.errors import ModelError
+    from layerscope.models.loading import fetch, parse_ref
+
+    other = model_factory("qwen2-tiny")  # another architecture and shape: its q_proj is not llama-tiny's
+    with pytest.raises(ModelError) as e:
+        fetch(parse_ref({"id": lora_adapter["path"]}), tmp_path / "a", what="adapter", base_dir=other["path"])
+    msg = str(e.value)
+    assert "does not fit model" in msg and "lora_A [4, 172]" in msg and "but its weight in the model is" in msg
+    # the adapter's own base passes
+    fetch(parse_ref({"id": lora_adapter["path"]}), tmp_path / "b", what="adapter",
+          base_dir=model_factory("llama-tiny")["path"])

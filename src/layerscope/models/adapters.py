@@ -73,3 +73,36 @@ def split_site(site: str) -> tuple[str, str | None]:
 def matches(module: str, name: str) -> bool:
     """Whether a module path matches a configured name: the whole path or its last parts."""
     return module == name or module.endswith("." + name)
+
+
+def _base_shapes(model_dir: Path) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        shapes |= {k: v["shape"] for k, v in safetensors_header(f).items() if k != "__metadata__"}
+    return shapes
+
+
+def check_fits(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    """Refuse an adapter trained on another base model: every LoRA pair must fit the weight of the
+    module it adapts (A [r, in], B [out, r] against the weight's [out, in], or GPT-2's Conv1D [in, out])."""
+    base = _base_shapes(Path(model_dir))
+    for f in sorted(Path(adapter_dir).glob("adapter_model*.safetensors")):
+        header = safetensors_header(f)
+        for key, spec in header.items():
+            if ".lora_A." not in key or key == "__metadata__":
+                continue
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key not in header:
+                continue
+            r, n_in = spec["shape"]
+            n_out = header[b_key]["shape"][0]
+            module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            weight = next((base[k] for k in (f"{module}.weight", f"{module.split('.', 1)[-1]}.weight") if k in base),
+                          None)
+            if weight is None:
+                continue  # a module without a plain weight here (fused or renamed): PEFT's own load decides
+            if sorted(weight) != sorted([n_out, n_in]) or len(weight) != 2:
+                raise ModelError(f"adapter.id: {Path(adapter_dir).name} does not fit model {Path(model_dir).name}: "
+                                 f"{module} takes {n_in} -> {n_out} in the adapter (lora_A {spec['shape']}, lora_B "
+                                 f"{header[b_key]['shape']}) but its weight in the model is {weight}; the adapter "
+                                 "was trained on another base model")

@@ -220,9 +220,11 @@ def fetch(ref: ModelRef, dest: str | os.PathLike, hub_cache: str | None = None, 
         info: dict[str, Any] = {"peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
                                 "target_modules": cfg.get("target_modules")}
         if cfg.get("peft_type", "LORA") == "LORA":
-            from layerscope.models.adapters import lora_modules
+            from layerscope.models.adapters import check_fits, lora_modules
 
             info["modules"] = lora_modules(directory)
+            if base_dir is not None:
+                check_fits(directory, base_dir)
     else:
         if not (directory / "config.json").is_file():
             raise ModelError(f"model.id: {directory} has no config.json (not a Hugging Face model directory)")
