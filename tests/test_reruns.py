@@ -55,6 +55,7 @@ TABLE = [
     ("steering.vectors", {"c": {"contrast": {"layer": 1, "split_a": "EM", "split_b": "Neutral"}}}, []),  # unused
     ("steering.runs", [], []),
     ("steering.regions", 8, []),  # no steered run to summarise
+    ("steering.generate", {"examples": 2}, []),
     ("capture.device", "cpu", []),
     ("capture.threads", 1, []),
     ("capture.boundaries", "temp", []),

@@ -124,7 +124,7 @@ def steered_workflow(tmp_path_factory):
                     "calm": {"contrast": {"layer": 1, "split_a": "EM", "split_b": "Neutral"}, "normalize": True}},
         "runs": [{"concept": "up", "layer": 2, "strength": [0, 3]},
                  {"concept": "calm", "layer": 1, "strength": 2, "positions": "last"}],
-        "regions": 8}
+        "regions": 8, "generate": {"examples": 2, "max_new_tokens": 6}}
     (wd / "config" / "steer.yaml").write_text(yaml.safe_dump(cfg))
     res = run_snakemake(wd, "--cores", "2", configfile=wd / "config" / "steer.yaml")
     assert res.returncode == 0, res.stderr[-4000:]
@@ -155,6 +155,18 @@ def test_workflow_steered_runs(steered_workflow):
     np.testing.assert_allclose(np.load(run_dir / "steering" / "vectors" / "calm.npy"), want, rtol=1e-5, atol=1e-6)
     calm = layerscope.open(run_dir, "steer-calm_L01_s2")
     assert (0, "resid_post") in calm.arrays  # steered at layer 1: its chain starts at the embeddings
+
+
+def test_generations_normal_and_steered(steered_workflow):
+    import json
+
+    wd, _ = steered_workflow
+    gens = {t: [json.loads(line) for line in (wd / "results/demo/steering" / t / "generations.jsonl").open()]
+            for t in ("up_L02_s0", "up_L02_s3")}
+    assert [len(g) for g in gens.values()] == [2, 2]
+    assert all(r["normal"] == r["steered"] for r in gens["up_L02_s0"])  # strength 0 changes nothing
+    assert any(r["normal"] != r["steered"] for r in gens["up_L02_s3"])
+    assert [r["normal"] for r in gens["up_L02_s0"]] == [r["normal"] for r in gens["up_L02_s3"]]  # greedy: repeatable
 
 
 def test_export_steering_writes_seed000_files(steered_workflow, tmp_path):
@@ -197,5 +209,5 @@ def test_adding_a_strength_runs_only_its_jobs(steered_workflow, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     jobs = sorted(f"{r}:{dict(w).get('part', dict(w).get('variant', dict(w).get('target', '')))}"
                   for r, w in planned_jobs(wd, configfile=path))
-    assert jobs == ["all:", "steer_L02-03:0", "steer_L02-03:1", "steering_summary:up_L02_s5",
-                    "store_variant:steer-up_L02_s5"]
+    assert jobs == ["all:", "steer_L02-03:0", "steer_L02-03:1", "steering_generate:up_L02_s5",
+                    "steering_summary:up_L02_s5", "store_variant:steer-up_L02_s5"]

@@ -141,6 +141,23 @@ def steering_vector(spec: dict, base_dir: str, run_dir: str, num_layers: int, hi
     log.info("steering vector %s: %s, shape %s", Path(out).stem, info["source"], info["shape"])
 
 
+def steering_generate(manifest: str, adapter: str, dataset_dir: str, target: dict, vector: str, examples: int,
+                      max_new_tokens: int, device: str, dtype: str, trust_remote_code: bool, out: str) -> None:
+    """Greedy continuations of the first examples, normal and steered (JSON lines)."""
+    import json
+
+    import numpy as np
+
+    from layerscope.fileio import atomic_write_text
+    from layerscope.steering.generate import generate
+    from layerscope.steering.vectors import vector_at
+
+    vec = vector_at(np.load(vector, allow_pickle=False), target["layer"])
+    rows = generate(load_manifest(manifest, adapter), dataset_dir, target, vec, examples, max_new_tokens, device,
+                    dtype, trust_remote_code)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def steering_summary(run_dir: str, target: dict, vector: str, regions: int, out: str) -> None:
     import numpy as np
 

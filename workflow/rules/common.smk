@@ -229,4 +229,8 @@ def vector_inputs(wildcards):
 
 
 def steering_summaries(wildcards=None):
-    return [f"{RESULTS}/steering/{t.name}/summary.json" for t in PLAN.steering]
+    """Every steered run's summary, and its generations where steering.generate asks for them."""
+    out = [f"{RESULTS}/steering/{t.name}/summary.json" for t in PLAN.steering]
+    if config["steering"]["generate"]["examples"]:
+        out += [f"{RESULTS}/steering/{t.name}/generations.jsonl" for t in PLAN.steering]
+    return out

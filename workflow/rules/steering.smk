@@ -71,3 +71,28 @@ rule steering_summary:
         "../../environment.yml"
     script:
         "../scripts/steering_summary.py"
+
+
+rule steering_generate:
+    input:
+        manifest=MANIFEST,
+        adapter=ADAPTER,
+        ids=f"{DATASET}/token_ids.npy",
+        examples=f"{DATASET}/examples.jsonl",
+        vector=lambda w: f"{RESULTS}/steering/vectors/{PLAN.target(w.target).concept}.npy",
+    output:
+        generations=f"{RESULTS}/steering/{{target}}/generations.jsonl",
+    params:
+        target=lambda w: PLAN.target(w.target).params(),
+        generate=config["steering"]["generate"],
+        model_dtype=config["model"]["dtype"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    log:
+        f"logs/{RUN}/steering/{{target}}/generate.log",
+    resources:
+        mem_mb=8000,
+        gpu=1 if config["capture"]["device"].startswith("cuda") else 0,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/steering_generate.py"
