@@ -187,17 +187,23 @@ def test_workflow_captures_base_and_adapter_variants(tmp_path):
     wd = copy_inputs(tmp_path)
     cfg = yaml.safe_load((wd / "config" / "config.yaml").read_text())
     cfg["adapter"] = {"id": "builtin:lora"}
-    cfg["capture"] |= {"sites": ["resid_post", "lora_a"], "lora_modules": ["down_proj"], "variants": ["base", "adapter"]}
+    cfg["adapters"] = {"ckpt": {"id": "builtin:lora", "seed": 5}}  # another checkpoint of the fine-tune
+    cfg["capture"] |= {"sites": ["resid_post", "lora_a"], "lora_modules": ["down_proj"],
+                       "variants": ["base", "adapter", "ckpt"]}
     (wd / "config" / "v.yaml").write_text(yaml.safe_dump(cfg))
     res = run_snakemake(wd, "--cores", "2", configfile=wd / "config" / "v.yaml")
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = wd / "results" / "demo"
     adapter, base = layerscope.open(run_dir), layerscope.open(run_dir, "base")
-    assert adapter.metadata["variants"] == {"adapter": "activations.zarr", "base": "activations.base.zarr"}
+    assert adapter.metadata["variants"] == {"adapter": "activations.zarr", "base": "activations.base.zarr",
+                                            "ckpt": "activations.ckpt.zarr"}
+    ckpt = layerscope.open(run_dir, "ckpt")
+    assert ckpt.arrays == base.arrays
+    c = ckpt.activations(3, "resid_post").numpy()
     assert (1, "lora_a.mlp.down_proj") in adapter.arrays and (1, "lora_a.mlp.down_proj") not in base.arrays
     assert [a for a in adapter.arrays if not a[1].startswith("lora")] == base.arrays
     a, b = adapter.activations(3, "resid_post").numpy(), base.activations(3, "resid_post").numpy()
-    assert a.shape == b.shape and not np.allclose(a, b)
+    assert a.shape == b.shape == c.shape and not np.allclose(a, b) and not np.allclose(a, c)
     out = subprocess.run([sys.executable, "-m", "layerscope", "compare", f"{run_dir}:base", str(run_dir), "--json",
                           "--sites", "resid_post"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -219,3 +225,31 @@ def test_adapter_of_another_base_model_is_refused_naming_both_shapes(tmp_path, m
     # the adapter's own base passes
     fetch(parse_ref({"id": lora_adapter["path"]}), tmp_path / "b", what="adapter",
           base_dir=model_factory("llama-tiny")["path"])
+
+
+def test_more_adapters_are_variants_from_one_load(tmp_path, model_factory, lora_adapter):
+    """A second checkpoint as a variant: its store is byte for byte a run of that adapter alone."""
+    from layerscope.capture.run import run_capture
+    from layerscope.data.dataset import load_tokens
+    from layerscope.models.loading import fetch, parse_ref
+    from layerscope.store.layout import finalize
+    from tests.test_resume import files
+
+    m = model_factory("llama-tiny")
+    ckpt = fetch(parse_ref({"id": "builtin:lora", "seed": 11}), tmp_path / "ckpt", what="adapter", base_dir=m["path"])
+    ds = prepare_texts(tmp_path, m)
+    layers = {1: {"sites": ["resid_post", "mlp_act"], "positions": "all"}, 3: {"sites": ["resid_post"],
+                                                                              "positions": "last"}}
+    params = make_params(layers, parts=1)
+    alone = capture_store(tmp_path, {"model": m, "adapter": ckpt}, params, ds, name="alone")
+    caps = [(L, s, v["positions"]) for L, v in layers.items() for s in v["sites"]]
+    job = {k: v for k, v in params.items() if k != "layers"} | {"block": [0, 3]}
+    run_capture({"model": m, "adapter": lora_adapter, "adapters": {"ckpt": ckpt}}, ds, tmp_path / "main.zarr", job,
+                0, caps, device="cpu", variants={"ckpt": {"store_root": tmp_path / "main.ckpt.zarr", "captures": caps}})
+    ids, offsets = load_tokens(ds)
+    for name in ("main", "main.ckpt"):
+        finalize(tmp_path / f"{name}.zarr", caps, 1, ids, offsets, {"run": "test"})
+    # the shard files (array metadata differ only in the variant they name)
+    data = lambda root: {k: v for k, v in files(root).items() if "/c/" in k}  # noqa: E731
+    assert data(tmp_path / "main.ckpt.zarr") == data(alone) and len(data(alone)) >= 3
+    assert data(tmp_path / "main.zarr") != data(alone)

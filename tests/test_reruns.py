@@ -32,7 +32,8 @@ TABLE = [
     ("model.dtype", "bfloat16", SET + CAPTURES + DOWN),
     ("model.trust_remote_code", True, ["prepare_dataset"] + SET + CAPTURES + DOWN),
     ("adapter", {"id": "builtin:lora"}, ["fetch_adapter"] + CAPTURES + DOWN),
-    ("hub_cache", "/nonexistent/hub", []),  # a built-in model does not use the hub cache
+    ("hub_cache", "/nonexistent/hub", []),
+    ("adapters", {"ckpt": {"id": "builtin:lora"}}, []),  # no variant names it: not even fetched  # a built-in model does not use the hub cache
     ("dataset.name", "renamed", REPORT),
     ("dataset.format", "jsonl", []),  # what `auto` already read
     ("dataset.default_split", "other", ["prepare_dataset"] + CAPTURES + DOWN),

@@ -134,6 +134,7 @@ class Plan:
     settings: dict[int, dict[str, Any]]  # layer -> {"sites": [...], "positions": ...}
     lora: dict[int, dict[str, list[int]]] | None = None  # the adapter's modules, where LoRA sites need them
     steering: list[Target] = field(default_factory=list)
+    adapters: dict[str, ModelRef] = field(default_factory=dict)  # more adapters: variants beside the main one
 
     def target(self, name: str) -> Target:
         return next(t for t in self.steering if t.name == name)
@@ -206,6 +207,7 @@ class Plan:
             del cfg["capture"][key]
         del cfg["dashboard"]
         del cfg["steering"]  # steered runs record their own provenance; they change nothing of the normal run
+        cfg["adapters"] = {n: a for n, a in cfg["adapters"].items() if n in self.adapters}  # unused ones change nothing
         if self.lora is None:  # without LoRA sites the module choice changes nothing
             del cfg["capture"]["lora_modules"]
         if self.model.kind != "hub" and (self.adapter is None or self.adapter.kind != "hub"):
@@ -262,6 +264,10 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     try:
         model = parse_ref(cfg["model"], base)
         adapter = parse_ref(cfg["adapter"], base) if cfg["adapter"] else None
+        extra_refs = {name: parse_ref(spec, base) for name, spec in cfg["adapters"].items()}
+        for name, ref in extra_refs.items():
+            if ref.kind == "local" and not Path(ref.name).is_dir():
+                raise ConfigError(f"config error: adapters.{name}.id: local directory {ref.name} does not exist")
         for key, ref in (("model", model), ("adapter", adapter)):
             if ref is not None and ref.kind == "local" and not Path(ref.name).is_dir():
                 raise ConfigError(f"config error: {key}.id: local directory {ref.name} does not exist")
@@ -298,6 +304,17 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         raise ConfigError(f"config error: {problem}")
     main = "adapter" if adapter is not None else "base"
     variants = cap["variants"] or [main]
+    extra = cfg["adapters"]
+    if extra and adapter is None:
+        raise ConfigError("config error: adapters: more adapters are variants beside the main adapter; set adapter: "
+                          "(the one activations.zarr holds) too")
+    for name in extra:
+        if name.startswith("steer-"):
+            raise ConfigError(f"config error: adapters.{name}: names starting with 'steer-' are steered runs'")
+    for i, v in enumerate(variants):
+        if v not in ("adapter", "base", *extra):
+            raise ConfigError(f"config error: capture.variants[{i}]: {v!r} is none of adapter, base"
+                              + "".join(f", {n}" for n in extra) + " (more adapters are named under adapters:)")
     if "adapter" in variants and adapter is None:
         raise ConfigError("config error: capture.variants: 'adapter' is the model with its adapter, and adapter: is "
                           "null; name one (adapter.id) or capture only [base]")
@@ -318,7 +335,8 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         if t.layer > max(layers):
             raise ConfigError(f"config error: steering.runs: {t.name} steers layer {t.layer}, above every captured "
                               f"layer (the highest is {max(layers)}): nothing would show its effect")
-    return Plan(cfg, base, model, adapter, dims, layers, settings, lora, steer)
+    return Plan(cfg, base, model, adapter, dims, layers, settings, lora, steer,
+                {n: r for n, r in extra_refs.items() if n in cfg["capture"]["variants"]})
 
 
 SITE_NAME = re.compile(r"^(resid_post|attn_out|mlp_out|mlp_act|lora_a|lora_delta|lora_(a|delta)(\.[A-Za-z0-9_]+)+)$")

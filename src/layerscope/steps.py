@@ -50,16 +50,24 @@ def fetch_model(model: dict, hub_cache: str | None, weights_dir: str, manifest_o
 
 
 def fetch_adapter(adapter: dict | None, model_manifest: str, hub_cache: str | None, adapter_dir: str,
-                  manifest_out: str) -> dict | None:
-    """Resolve the adapter, if any, and write its manifest (``null`` without one)."""
+                  manifest_out: str, adapters: dict | None = None) -> dict | None:
+    """Resolve the adapter, if any, and the more adapters that are variants beside it; write their
+    manifest (``{"adapter": null}`` without one)."""
     from layerscope.models.loading import fetch, parse_ref
 
     a = None
+    base_dir = read_json(model_manifest)["model"]["path"]
     if adapter:
         aref = parse_ref(adapter, os.getcwd())
         log.info("fetching adapter %s", aref.label)
-        a = fetch(aref, adapter_dir, hub_cache, what="adapter", base_dir=read_json(model_manifest)["model"]["path"])
-    write_json(manifest_out, {"adapter": a})
+        a = fetch(aref, adapter_dir, hub_cache, what="adapter", base_dir=base_dir)
+    more = {}
+    for name, spec in (adapters or {}).items():
+        ref = parse_ref(spec, os.getcwd())
+        log.info("fetching adapter %s (variant %s)", ref.label, name)
+        more[name] = fetch(ref, Path(adapter_dir).with_name("adapters") / name, spec.get("hub_cache"),
+                           what="adapter", base_dir=base_dir)
+    write_json(manifest_out, {"adapter": a, **({"adapters": more} if more else {})})
     return a
 
 

@@ -1,5 +1,6 @@
 import os
 from pathlib import Path
+import re
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -109,6 +110,11 @@ def missing_markers(wildcards):
     return [m for v in PLAN.variants for m in markers_of(v) if not os.path.exists(m)]
 
 
+def variant_pattern():
+    """The names of the stores beside the main one: its variants, and steered runs."""
+    return "|".join([re.escape(v) for v in PLAN.extra_variants] + [r"steer-[A-Za-z0-9][A-Za-z0-9_.-]*"])
+
+
 def variant_stores(wildcards=None):
     """The finished stores of the variants beside the main one."""
     return [f"{store_of(v)}/zarr.json" for v in PLAN.extra_variants]
@@ -139,13 +145,13 @@ def local_files(ref):
     )
 
 
-def source_params(key):
+def source_params(key, name=None):
     """What decides a fetch's result, and nothing else: the reference (the seed only for built-in
-    models, the revision and hub cache only for hub ones)."""
-    spec = config[key]
+    models, the revision and hub cache only for hub ones). ``name``: one of the more adapters."""
+    spec = config[key] if name is None else config[key][name]
     if spec is None:
         return None
-    ref = PLAN.model if key == "model" else PLAN.adapter
+    ref = PLAN.model if key == "model" else (PLAN.adapter if name is None else PLAN.adapters[name])
     return {
         "id": spec["id"],
         "seed": spec["seed"] if ref.kind == "builtin" else None,

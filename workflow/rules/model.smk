@@ -19,11 +19,13 @@ rule fetch_model:
 rule fetch_adapter:
     input:
         local_files(PLAN.adapter),
+        [f for ref in PLAN.adapters.values() for f in local_files(ref)],
         model=MANIFEST,
     output:
         manifest=ADAPTER,
     params:
         adapter=source_params("adapter"),
+        adapters={name: source_params("adapters", name) for name in PLAN.adapters},
         adapter_dir=lambda w, output: os.path.join(os.path.dirname(output.manifest), "adapter"),
     log:
         f"logs/{RUN}/fetch_adapter.log",

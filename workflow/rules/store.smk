@@ -21,7 +21,8 @@ rule store:
         "../scripts/store.py"
 
 
-# A variant's store beside the main one (capture.variants), e.g. activations.base.zarr.
+# A variant's store beside the main one (capture.variants), e.g. activations.base.zarr, or a
+# steered run's (activations.steer-{target}.zarr).
 rule store_variant:
     input:
         markers=all_markers,
@@ -30,7 +31,7 @@ rule store_variant:
     output:
         root=f"{RESULTS}/activations.{{variant}}.zarr/zarr.json",
     wildcard_constraints:
-        variant=r"base|steer-[A-Za-z0-9][A-Za-z0-9_.-]*",
+        variant=variant_pattern(),
     params:
         store=lambda w, output: os.path.dirname(output.root),
         arrays=lambda w: [

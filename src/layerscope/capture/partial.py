@@ -26,7 +26,7 @@ from torch import nn
 
 from layerscope.capture import sites as S
 from layerscope.errors import ModelError
-from layerscope.models.loading import check_tokenizer_choice, load_model, resolve_dtype
+from layerscope.models.loading import add_adapters, check_tokenizer_choice, load_model, resolve_dtype
 
 log = logging.getLogger("layerscope.capture.partial")
 
@@ -127,12 +127,14 @@ def _load_partial(m: dict[str, Any], device: str, dtype: torch.dtype, trust_remo
     return model
 
 
-def _with_adapter(model: nn.Module, a: dict[str, Any]) -> nn.Module | None:
-    """The pruned model with its PEFT adapter on the layers it kept; None where that cannot be
-    done exactly (an adapter on a module this job holds no weights for, such as the embeddings)."""
+def _with_adapter(model: nn.Module, a: dict[str, Any], more: dict[str, Any] | None = None) -> nn.Module | None:
+    """The pruned model with its PEFT adapter (and the ``more`` adapters that are variants) on the
+    layers it kept; None where that cannot be done exactly (an adapter on a module this job holds
+    no weights for, such as the embeddings)."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, a["path"], is_trainable=False)
+    add_adapters(model, more)
     if any(p.device.type == "meta" for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n):
         log.info("the adapter touches modules this job does not load: loading the whole model")
         return None
@@ -149,7 +151,7 @@ def load_block(manifest: dict[str, Any], device: str, dtype: str, trust_remote_c
     try:
         model = _load_partial(m, device, tdtype, trust_remote_code, start, stop)
         if model is not None and a:
-            model = _with_adapter(model, a)
+            model = _with_adapter(model, a, manifest.get("adapters"))
     except Exception as e:  # an architecture the skeleton path cannot build: the usual loader still can
         log.info("partial loading failed (%s: %s): loading the whole model", type(e).__name__, e)
         model = None

@@ -146,8 +146,10 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     main = main_variant(manifest) if steer is None else f"steer-{steer['name']}"
     vs = [Variant(main, Path(store_root), captures, boundary_in, boundary_out)]
     for name, v in (variants or {}).items():
-        if name == main or name not in ("base", "adapter") or (name == "adapter" and main != "adapter"):
-            raise ModelError(f"capture: no variant {name!r} for this job (its main store holds {main!r})")
+        known = ("base", *(manifest.get("adapters") or {})) if main == "adapter" else ()
+        if name == main or name not in known:
+            raise ModelError(f"capture: no variant {name!r} for this job (its main store holds {main!r}; "
+                             f"variants: {', '.join(known) or 'none'})")
         if any(split_site(s)[0] in LORA_SITES for _, s, _ in v["captures"]):
             raise ModelError(f"capture: the {name} variant runs without the adapter: it has no LoRA sites")
         vs.append(Variant(name, Path(v["store_root"]), v["captures"], v.get("boundary_in"), v.get("boundary_out")))
@@ -257,7 +259,9 @@ class Chain:
 
 def fingerprint(manifest: dict[str, Any], params: dict[str, Any]) -> str:
     """A hash of the model and adapter files and the job settings that shape the residual stream."""
-    files = {k: [(f["path"], f["sha256"]) for f in v["files"]] for k, v in manifest.items() if v}
+    parts = {k: v for k, v in manifest.items() if v and k != "adapters"}
+    parts |= {f"adapters.{n}": a for n, a in (manifest.get("adapters") or {}).items()}
+    files = {k: [(f["path"], f["sha256"]) for f in v["files"]] for k, v in parts.items()}
     rest = {k: v for k, v in params.items() if k != "block"}
     return hashlib.sha256(dumps_stable({"files": files, "params": rest}).encode()).hexdigest()[:16]
 
@@ -363,8 +367,10 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
         handles.append(layer_mods[first.start].register_forward_pre_hook(take_over, with_kwargs=True))
         embed_dim = model.get_input_embeddings().weight.shape[-1]
     handles.append(S.attach_stop(layer_mods[stop]))
-    # A base pass runs the adapter's model with the adapter switched off (PEFT's own switch).
+    # A base pass runs the adapter's model with the adapter switched off (PEFT's own switch); a
+    # pass of one of the more adapters makes it the active one for that pass.
     passes = [(v, model.disable_adapter if v.name == "base" and hasattr(model, "disable_adapter")
+               else (lambda name=v.name: _active_adapter(model, name)) if v.name in (manifest.get("adapters") or {})
                else contextlib.nullcontext) for v in vs]
     bs = params["batch_size"]
     left = params["padding_side"] == "left"
@@ -427,6 +433,16 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
     for o in outputs:
         o.close()
     return resumed
+
+
+@contextlib.contextmanager
+def _active_adapter(model, name: str):
+    """PEFT's active adapter is ``name`` inside, the main one (``default``) again after."""
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
 
 
 def _prepare_batch(examples: np.ndarray, span: int, chain: Chain, batch: dict[str, Any], token_ids: np.ndarray,

@@ -256,6 +256,18 @@ def resolve_dtype(name: str, device: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def add_adapters(model: Any, more: dict[str, Any] | None) -> None:
+    """Load more adapters beside the main one under their variant names; the main one stays active."""
+    for name, spec in (more or {}).items():
+        try:
+            model.load_adapter(spec["path"], adapter_name=name, is_trainable=False)
+        except Exception as e:
+            raise ModelError(f"adapters.{name}: cannot load {spec['id']} from {spec['path']}: "
+                             f"{type(e).__name__}: {e}") from e
+    if more:
+        model.set_adapter("default")
+
+
 def load_model(manifest: dict[str, Any], device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
     """Load the model (and its adapter, if the manifest names one) for inference; return (model, tokenizer)."""
     import torch
@@ -277,6 +289,7 @@ def load_model(manifest: dict[str, Any], device: str = "cpu", dtype: str = "floa
             model = PeftModel.from_pretrained(model, a["path"], is_trainable=False)
         except Exception as e:
             raise ModelError(f"adapter.id: cannot load {a['id']} from {a['path']}: {type(e).__name__}: {e}") from e
+        add_adapters(model, manifest.get("adapters"))
     model.to(device)
     model.eval()
     torch.set_grad_enabled(False)
