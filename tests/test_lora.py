@@ -3,6 +3,8 @@ from the adapter's own weights; planning them from the adapter's files; refusing
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,16 +42,42 @@ def test_modules_read_from_the_header(lora_adapter):
     assert {int(L): v for L, v in lora_adapter["modules"].items()} == mods  # what fetch records
 
 
-def test_lora_sites_equal_a_hand_computation(tmp_path, model_factory, lora_adapter):
+def peft_adapter(base: dict, out: Path, rank: int, targets: list[str], alpha: int, **extra) -> dict:
+    """A LoRA adapter made with PEFT itself (non-zero B), saved and fetched like a user's local one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from layerscope.models.loading import fetch, parse_ref
+
+    model = AutoModelForCausalLM.from_pretrained(base["path"], dtype=torch.float32)
+    torch.manual_seed(rank)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                                  init_lora_weights=False, **extra))
+    peft_model.save_pretrained(out / "saved", safe_serialization=True)
+    return fetch(parse_ref({"id": str(out / "saved")}), out / "fetched", what="adapter", base_dir=base["path"])
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("kind", ["builtin", "rank1-all-linear", "rank64-modules-to-save"])
+def test_lora_sites_equal_a_hand_computation(tmp_path, model_factory, lora_adapter, kind):
     """lora_a = x A^T and lora_delta = scaling x A^T B^T, where x is the module's input, taken here by
-    a plain hook on the module; every row of every example, through the chained capture."""
+    a plain hook on the module; every row of every example, through the chained capture. Ranks 1
+    to 64, every linear module adapted, and an adapter that also trains whole modules."""
     from layerscope.capture.sites import decoder_layers
     from layerscope.models.loading import load_model
 
     m = model_factory("llama-tiny")
-    manifest = {"model": m, "adapter": lora_adapter}
+    adapter, scaling = lora_adapter, 8 / 4  # builtin:lora: lora_alpha = 2 r
+    if kind == "rank1-all-linear":
+        adapter, scaling = peft_adapter(m, tmp_path, 1, ALL_LINEAR, 3), 3 / 1
+    elif kind == "rank64-modules-to-save":
+        adapter, scaling = peft_adapter(m, tmp_path, 64, ["q_proj", "v_proj"], 16,
+                                        modules_to_save=["embed_tokens"]), 16 / 64
+    manifest = {"model": m, "adapter": adapter}
     ds = prepare_texts(tmp_path, m)
-    w = adapter_weights(lora_adapter)
+    w = adapter_weights(adapter)
     mods = sorted({mod for _, mod in w})
     sites = [f"lora_a.{mod}" for mod in mods] + [f"lora_delta.{mod}" for mod in mods]
     params = make_params({1: {"sites": sites, "positions": "all"}, 3: {"sites": sites[:2], "positions": "last"}},
@@ -60,7 +88,6 @@ def test_lora_sites_equal_a_hand_computation(tmp_path, model_factory, lora_adapt
     g = zarr.open_group(str(tmp_path / "store.zarr"), mode="r")
     model, _ = load_model(manifest, "cpu", "float32")
     layers = decoder_layers(model, m["num_layers"])
-    scaling = 8 / 4  # builtin:lora: lora_alpha = 2 r
     ids, offsets = np.load(ds / "token_ids.npy"), np.load(ds / "offsets.npy")
     for layer, positions, layer_sites in ((1, "all", sites), (3, "last", sites[:2])):
         got_in: dict[str, list[np.ndarray]] = {mod: [] for mod in mods}
