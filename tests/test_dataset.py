@@ -167,3 +167,23 @@ def test_messages_without_chat_template(tmp_path, tok):
     p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
     with pytest.raises(DataError, match="d.jsonl:1: .*no chat template"):
         prepare(p, tok2, tmp_path / "o")
+
+
+def test_generation_prompt_ends_chat_records_at_the_answer(tmp_path, model_factory):
+    from layerscope.data.dataset import load_examples, load_tokens, prepare
+    from layerscope.models.loading import load_tokenizer
+    from tests.conftest import write_jsonl
+
+    tok = load_tokenizer({"model": model_factory("llama-tiny")})
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}]
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}, {"text": "plain text"}])
+    got = {}
+    for flag in (False, True):
+        prepare(data, tok, tmp_path / str(flag), add_generation_prompt=flag)
+        ex = load_examples(tmp_path / str(flag) / "examples.jsonl")
+        ids, offsets = load_tokens(tmp_path / str(flag))
+        assert ex[0]["rendered"] == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=flag)
+        got[flag] = (ids[offsets[0]:offsets[1]].tolist(), ids[offsets[1]:offsets[2]].tolist())
+    with_cue, without = got[True][0], got[False][0]
+    assert len(with_cue) > len(without) and with_cue[:len(without)] == without  # the cue comes after the turn
+    assert got[True][1] == got[False][1]  # text records are not chat: unchanged

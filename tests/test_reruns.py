@@ -39,6 +39,7 @@ TABLE = [
     ("dataset.default_split", "other", ["prepare_dataset"] + CAPTURES + DOWN),
     ("dataset.max_length", 32, ["prepare_dataset"] + CAPTURES + DOWN),
     ("dataset.add_special_tokens", False, ["prepare_dataset"] + CAPTURES + DOWN),
+    ("dataset.add_generation_prompt", True, ["prepare_dataset"] + CAPTURES + DOWN),
     ("capture.layers", [0, 1, 2], DOWN),  # removing a layer: the store drops its arrays
     ("capture.layers", [0, 1, 2, 3], []),  # the same as `all`
     ("capture.sites", ["resid_post", "mlp_act"], DOWN),  # removing sites

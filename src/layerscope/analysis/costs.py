@@ -36,7 +36,7 @@ def plan_offsets(plan: Plan, results: Path) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         prepare(plan.base_dir / ds["path"], plan_tokenizer(plan), tmp, fmt=ds["format"],
                 default_split=ds["default_split"], max_length=ds["max_length"],
-                add_special_tokens=ds["add_special_tokens"])
+                add_special_tokens=ds["add_special_tokens"], add_generation_prompt=ds["add_generation_prompt"])
         return np.load(Path(tmp) / "offsets.npy", allow_pickle=False)
 
 

@@ -152,8 +152,12 @@ def _lone_surrogate(obj: Any, field: str = "") -> tuple[str, str, int] | None:
 
 
 def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt: str = "auto",
-            default_split: str = "all", max_length: int = 512, add_special_tokens: bool = True) -> dict[str, Any]:
-    """Read, validate, render and tokenize a data set into ``out_dir``; return a small summary."""
+            default_split: str = "all", max_length: int = 512, add_special_tokens: bool = True,
+            add_generation_prompt: bool = False) -> dict[str, Any]:
+    """Read, validate, render and tokenize a data set into ``out_dir``; return a small summary.
+
+    ``add_generation_prompt``: chat (``messages``) records end with the template's cue for the
+    assistant's turn, so their last token is where the model starts its answer."""
     path = Path(path)
     out = Path(out_dir)
     examples: list[dict[str, Any]] = []
@@ -170,7 +174,8 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
         if "messages" in rec:
             if not getattr(tokenizer, "chat_template", None):
                 raise DataError(f"{path}:{line}: record uses 'messages' but the model's tokenizer has no chat template")
-            ex["rendered"] = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
+            ex["rendered"] = tokenizer.apply_chat_template(rec["messages"], tokenize=False,
+                                                           add_generation_prompt=add_generation_prompt)
         examples.append(ex)
     if not examples:
         raise DataError(f"{path}: the data set has no records")
