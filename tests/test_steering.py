@@ -210,4 +210,43 @@ def test_adding_a_strength_runs_only_its_jobs(steered_workflow, tmp_path):
     jobs = sorted(f"{r}:{dict(w).get('part', dict(w).get('variant', dict(w).get('target', '')))}"
                   for r, w in planned_jobs(wd, configfile=path))
     assert jobs == ["all:", "steer_L02-03:0", "steer_L02-03:1", "steering_generate:up_L02_s5",
-                    "steering_summary:up_L02_s5", "store_variant:steer-up_L02_s5"]
+                    "steering_page:up_L02_s5", "steering_summary:up_L02_s5", "store_variant:steer-up_L02_s5"]
+
+
+def test_steering_page_in_chromium(steered_workflow):
+    """The page opens offline with no error and no request; a cell's value is the numpy norm of the
+    difference; the correlation curve has a point per layer; the 3D view turns with the keyboard."""
+    from tests.test_dashboard import BROWSER_SKIP, Page
+
+    if BROWSER_SKIP:
+        pytest.skip(BROWSER_SKIP)
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    import layerscope
+    from tests.test_dashboard import CHROMIUM
+    from pathlib import Path
+
+    wd, _ = steered_workflow
+    run_dir = wd / "results" / "demo"
+    page_path = run_dir / "steering" / "up_L02_s3" / "index.html"
+    normal, steered = layerscope.open(run_dir), layerscope.open(run_dir, "steer-up_L02_s3")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"))
+        pg = Page(b, page_path)
+        p = pg.p
+        assert p.locator("#views button").count() == 3 and p.locator("#curve circle").count() == 4
+        cell = p.locator("#heat td[data-r='3'][data-c='2']")
+        cell.focus()
+        shown = float(p.text_content("#status").rsplit(": ", 1)[1])
+        d = steered.activations(3, "resid_post")[0][2].astype(np.float64) - normal.activations(3, "resid_post")[0][2]
+        assert shown == pytest.approx(float(f"{np.linalg.norm(d):.4g}"), rel=1e-6)
+        p.keyboard.press("ArrowUp")
+        assert p.evaluate("document.activeElement.dataset.r") == "2"
+        before = p.text_content("#cube-status")
+        p.locator("#cube").focus()
+        p.keyboard.press("ArrowRight")
+        assert p.text_content("#cube-status") != before
+        pg.check_clean()
+        b.close()

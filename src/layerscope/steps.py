@@ -167,6 +167,15 @@ def steering_generate(manifest: str, adapter: str, dataset_dir: str, target: dic
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def steering_page(run_dir: str, summary: str, out: str, examples: int) -> None:
+    """A steered run's page (web/steering_page.py)."""
+    from layerscope.analysis.steering import page_data
+    from layerscope.web.steering_page import write_page
+
+    size = write_page(page_data(run_dir, read_json(summary), examples), out)
+    log.info("steering page written to %s (%d bytes)", out, size)
+
+
 def steering_summary(run_dir: str, target: dict, vector: str, regions: int, out: str) -> None:
     import numpy as np
 

@@ -236,7 +236,7 @@ def vector_inputs(wildcards):
 
 def steering_summaries(wildcards=None):
     """Every steered run's summary, and its generations where steering.generate asks for them."""
-    out = [f"{RESULTS}/steering/{t.name}/summary.json" for t in PLAN.steering]
+    out = [f"{RESULTS}/steering/{t.name}/{f}" for t in PLAN.steering for f in ("summary.json", "index.html")]
     if config["steering"]["generate"]["examples"]:
         out += [f"{RESULTS}/steering/{t.name}/generations.jsonl" for t in PLAN.steering]
     return out

@@ -96,3 +96,20 @@ rule steering_generate:
         "../../environment.yml"
     script:
         "../scripts/steering_generate.py"
+
+
+rule steering_page:
+    input:
+        summary=f"{RESULTS}/steering/{{target}}/summary.json",
+        metadata=f"{RESULTS}/metadata.json",
+    output:
+        page=f"{RESULTS}/steering/{{target}}/index.html",
+    params:
+        run_dir=lambda w, input: os.path.dirname(input.metadata),
+        examples=config["dashboard"]["heatmap_examples"],
+    log:
+        f"logs/{RUN}/steering/{{target}}/page.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/steering_page.py"

@@ -67,3 +67,40 @@ def summarize(run_dir: str | os.PathLike, target: dict[str, Any], vector: np.nda
     out["total_intensity"] = float(sum(out["intensity"].values()))
     out["top_correlated_layers"] = sorted(layers, key=lambda L: -out["correlation"][L])[:top]
     return out
+
+
+def page_data(run_dir: str | os.PathLike, summary: dict[str, Any], examples: int = 8) -> dict[str, Any]:
+    """What the steering page shows, for the first ``examples`` examples: per layer and token the L2
+    norm of the normal, steered and difference streams, and the difference in regions (for the
+    layer x region x token view); plus the summary's per-layer curves."""
+    from layerscope.data.tokens import load_decoder, token_texts
+    from layerscope.fileio import read_json
+
+    t = summary["target"]
+    normal, steered = Run(run_dir), Run(run_dir, f"steer-{t['name']}")
+    layers = summary["layers"]
+    decoder = load_decoder(read_json(normal.path / "model" / "manifest.json"))
+    n_regions = summary["n_regions"]
+    docs = []
+    for e in range(min(examples, len(normal))):
+        norms = np.zeros((3, len(layers), int(normal.examples[e]["n_tokens"])), dtype=np.float32)
+        reg = np.zeros((len(layers), n_regions, norms.shape[2]), dtype=np.float32)
+        for li, L in enumerate(layers):
+            a = normal.activations(L, "resid_post")
+            b = steered.activations(L, "resid_post") if (L, "resid_post") in steered.arrays else a
+            x, y = np.atleast_2d(np.asarray(a[e], dtype=np.float64)), np.atleast_2d(np.asarray(b[e], dtype=np.float64))
+            if len(x) != norms.shape[2]:  # last-position arrays: one row, shown at the last token
+                norms, reg = norms[:, :, -1:], reg[:, :, -1:]
+            d = y - x
+            norms[:, li] = [np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1), np.linalg.norm(d, axis=1)]
+            reg[li] = regions(d, n_regions).T
+        ids = normal.tokens(e).tolist()
+        docs.append({"id": normal.examples[e]["id"], "split": normal.examples[e]["split"],
+                     "tokens": token_texts(decoder, ids)[-norms.shape[2]:], "norms": norms, "regions": reg})
+    return {"target": t, "model": normal.metadata["model_name"], "layers": layers,
+            "correlation": [summary["correlation"][str(L)] if str(L) in summary["correlation"]
+                            else summary["correlation"][L] for L in layers],
+            "intensity": [summary["intensity"][str(L)] if str(L) in summary["intensity"] else summary["intensity"][L]
+                          for L in layers],
+            "peak_layer": summary["peak_layer"], "total_intensity": summary["total_intensity"],
+            "n_regions": n_regions, "examples": docs}
