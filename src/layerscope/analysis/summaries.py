@@ -146,20 +146,8 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
                                "mean": sc.mean, "sd": sc.sd, "split_mean": sc.split_mean, "best": best, "sel": sel,
                                "cards": cards, "hist_lo": lo, "hist_hi": hi,
                                "hist": nz.histograms(acts, cards, lo, hi, HIST_BINS)}
-        cols = {k: [] for k in ("card", "kind", "doc", "pos", "value", "ctx_off")}
-        ctx: list[np.ndarray] = []
-        n_ctx = 0
-        for kind, (ex, largest) in enumerate(((sc.top_e[cards], True), (sc.bot_e[cards], False))):
-            found = nz.contexts(run, acts, cards, ex, largest, context)
-            for (c, j), f in sorted(found.items()):
-                d = texts.doc(f["e"], f["start"], f["start"] + len(f["values"]))
-                for name, v in (("card", c), ("kind", kind), ("doc", d), ("pos", f["pos"] - f["start"]),
-                                ("value", f["value"]), ("ctx_off", n_ctx)):
-                    cols[name].append(v)
-                ctx.append(f["values"])
-                n_ctx += len(f["values"])
-        out["entries"] = {k: np.array(v, np.float32 if k == "value" else np.int64) for k, v in cols.items()}
-        out["ctx"] = np.concatenate(ctx).astype(np.float32) if ctx else np.zeros(0, np.float32)
+        out["entries"], out["ctx"] = nz.card_entries(run, acts, cards, sc.top_e[cards], sc.bot_e[cards], context,
+                                                     texts.doc)
         if unembed is not None and len(cards):
             up, up_v, down, down_v = unembed.logit_effects(L, cards, output_tokens)
             out.update(out_up=texts.token_texts(up), out_up_v=up_v.astype(np.float32),
