@@ -369,3 +369,71 @@ def test_served_page_saves_to_the_run(browser, lora_run, page):
     pg = Page(browser, page)
     assert "saved in this browser" in pg.p.text_content("#interp-state")
     pg.check_clean()
+
+
+# ---------------------------------------------------------------- seed 002's own case: rank-1 modules
+
+def test_interpretation_keys_name_modules_as_seed_002():
+    from layerscope.analysis.lora import module_names
+
+    assert module_names(["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]) == {
+        "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "down_proj"}
+    # GPT-2 adapts attn.c_proj and mlp.c_proj: the short name would be ambiguous
+    assert module_names(["attn.c_attn", "attn.c_proj", "mlp.c_proj"]) == {
+        "attn.c_attn": "c_attn", "attn.c_proj": "attn_c_proj", "mlp.c_proj": "mlp_c_proj"}
+
+
+@pytest.fixture(scope="module")
+def rank_one_page(tmp_path_factory) -> Path:
+    """A synthetic run with rank-1 LoRA neurons on gate/up/down at layer 10 (seed 002's adapters)."""
+    from layerscope.analysis.summaries import build_summary
+    from layerscope.web.page import write_dashboard
+    from tests.synthetic import SyntheticActivations, SyntheticRun, SyntheticUnembedding, tokenizer
+
+    class RankOne(SyntheticRun):
+        LORA = ["lora_a.mlp.gate_proj", "lora_a.mlp.up_proj", "lora_a.mlp.down_proj"]
+
+        def __init__(self) -> None:
+            super().__init__(layers=12, neurons=32, hidden=16, examples=12, tokens=16, vocab=200)
+            self.arrays = sorted(self.arrays + [(10, s) for s in self.LORA])
+
+        def activations(self, layer: int, site: str):
+            if site not in self.LORA:
+                return super().activations(layer, site)
+            rng = np.random.default_rng(self.LORA.index(site))
+            return SyntheticActivations(rng.standard_normal((int(self.offsets[-1]), 1)).astype(np.float16),
+                                        self.offsets, "all")
+
+    r = RankOne()
+    s = build_summary(r, tokenizer(r.vocab), SyntheticUnembedding(r.vocab), site="mlp_act", top_k=5, context=3,
+                      neurons_per_layer=4, heatmap_examples=4, example_columns=12, output_tokens=3, budget_mib=10)
+    page = tmp_path_factory.mktemp("rank1") / "index.html"
+    write_dashboard(pack(s), page)
+    return page
+
+
+@needs_browser
+def test_rank_one_panels_take_a_seed_002_file(browser, rank_one_page, tmp_path):
+    from playwright.sync_api import expect
+
+    from tests.test_serve import SEED
+
+    pg = Page(browser, rank_one_page)
+    p = pg.p
+    assert p.input_value("#lora-layer") == "10" and p.is_hidden("#lora-neuron-box")
+    assert p.locator(".module h3").all_text_contents() == ["mlp.gate_proj (rank 1)", "mlp.up_proj (rank 1)",
+                                                            "mlp.down_proj (rank 1)"]
+    keys = p.locator(".panel").evaluate_all("ps => ps.map(p => p.dataset.key)")
+    assert keys == [f"layer_10_{m}_{s}" for m in ("gate_proj", "up_proj", "down_proj") for s in ("positive", "negative")]
+    seed = tmp_path / "interpretations.json"
+    seed.write_text(json.dumps(SEED, indent=2))  # seed 002's example file, as its server wrote it
+    p.set_input_files("#interp-import", str(seed))
+    expect(p.locator("#interp-msg")).to_have_text("Imported 1 of 1 interpretations from interpretations.json.")
+    box = p.locator('.interp[data-key="layer_10_gate_proj_positive"]')
+    assert box.locator("textarea").input_value() == "Activates on mathematical operators and symbols"
+    assert box.locator("input[type=checkbox]").is_checked()
+    with p.expect_download() as dl:
+        p.click("#interp-export")
+    dl.value.save_as(tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == SEED  # the same file back, lastModified kept
+    pg.check_clean()
