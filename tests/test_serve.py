@@ -258,9 +258,12 @@ def test_validation_names_the_problem(doc, message):
 
 
 def test_seed_002_file_is_read_as_it_is():
+    from layerscope.analysis.lora import key_stem
+
     assert interp.validate(SEED) == SEED["interpretations"]
-    assert interp.key_stem(10, "gate_proj", 0, 1) == "layer_10_gate_proj"  # rank 1: seed 002's keys
-    assert interp.key_stem(10, "gate_proj", 3, 8) == "layer_10_gate_proj_3"
+    assert key_stem(10, "gate_proj", 0, 1) == "layer_10_gate_proj"  # rank 1: seed 002's keys
+    assert key_stem(10, "gate_proj", 3, 8) == "layer_10_gate_proj_3"
+    assert all(interp.KEY.fullmatch(key_stem(3, m, 2, 4) + "_negative") for m in ("c_attn", "attn_c_proj", "fc1"))
 
 
 def test_refuses_a_damaged_file_and_a_missing_dashboard(run_dir, tmp_path_factory):

@@ -9,7 +9,7 @@ would say the opposite of its panel's title.
 
 Each neuron also gets its interpretation key stem, seed 002's ``layer_{L}_{module}`` for a rank-1
 module (``layer_10_gate_proj``) and ``layer_{L}_{module}_{n}`` for neuron n of a higher rank; the
-page appends ``_positive`` or ``_negative`` (layerscope.web.interpretations holds the format).
+page appends ``_positive`` or ``_negative`` (layerscope.web.interpretations reads and merges them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import numpy as np
 
 from layerscope.analysis import neurons as nz
 from layerscope.store.reader import Run
-from layerscope.web.interpretations import key_stem
 
 log = logging.getLogger("layerscope.analysis.lora")
 
@@ -29,6 +28,11 @@ PREFIX = "lora_a."
 # seed 002 shows gate/up/down side by side; modules are ordered as a layer runs them
 ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "dense", "out_proj", "gate_proj",
          "up_proj", "fc1", "c_fc", "w1", "w3", "fc2", "c_proj", "down_proj", "w2")
+
+
+def key_stem(layer: int, module: str, neuron: int, rank: int) -> str:
+    """The interpretation key of a neuron's panels without their ``_positive``/``_negative`` suffix."""
+    return f"layer_{layer}_{module}" if rank == 1 else f"layer_{layer}_{module}_{neuron}"
 
 
 def lora_modules(run: Run) -> dict[int, list[str]]:

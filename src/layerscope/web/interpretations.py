@@ -6,7 +6,7 @@
 
 A key is ``layer_{L}_{module}_{positive|negative}`` for a rank-1 module, as seed 002 writes it,
 and ``layer_{L}_{module}_{n}_{positive|negative}`` for neuron n of a module of higher rank
-(``key_stem``). Edits merge key by key and the newer ``lastModified`` wins (the incoming entry on a
+(analysis.lora.key_stem). Edits merge key by key and the newer ``lastModified`` wins (the incoming entry on a
 tie), so saves from several tabs or an imported file never drop an edit to another panel; a
 cleared panel stays as an entry with empty text, so that an older copy cannot bring it back.
 The page (assets/interpretations.js) applies the same rules.
@@ -33,11 +33,6 @@ EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 
 class InterpretationsError(LayerScopeError):
     """A document that is not an interpretations file; the message names what is wrong."""
-
-
-def key_stem(layer: int, module: str, neuron: int, rank: int) -> str:
-    """The key of a panel without its ``_positive``/``_negative`` suffix."""
-    return f"layer_{layer}_{module}" if rank == 1 else f"layer_{layer}_{module}_{neuron}"
 
 
 def now() -> str:
