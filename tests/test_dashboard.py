@@ -84,10 +84,16 @@ def test_hostile_strings_stay_text(hostile_summary):
 
 def test_self_contained_no_network(hostile_summary):
     html = render_html(pack(hostile_summary))
-    for bad in ("http://", "https://", "//cdn", "<link", "fetch(", "XMLHttpRequest", "import(", "@import",
+    for bad in ("http://", "https://", "//cdn", "<link", "XMLHttpRequest", "import(", "@import",
                 "WebSocket", "sendBeacon", "<iframe", "url("):
         assert bad not in html, bad
-    assert "default-src 'none'" in html  # the page forbids itself any request
+    # the page forbids itself any request but to its own origin (connect-src 'self'), and makes those
+    # only for interpretations.json, only when loaded over http from this machine (layerscope serve)
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
+    assert csp == "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'"
+    assert re.findall(r"fetch\((\w+)", html) == ["serverURL", "serverURL"]
+    assert re.findall(r"const serverURL = (.*);", html) == [
+        "location.protocol === 'http:' && LOOPBACK.includes(location.hostname) ? 'interpretations.json' : null"]
     for tag, a in parse(html).tags:
         assert "src" not in a and "href" not in a, (tag, a)
 
@@ -240,6 +246,7 @@ def test_demo_page_structure_offline(browser, demo_page, run, summary):
     assert p.locator("#n-card ul[data-kind=top] li.entry").count() == 8
     assert p.locator("#three").get_attribute("data-bars") == str(4 * n_tok)
     assert p.is_hidden("#budget-note") and p.is_hidden("#heat-missing") and p.is_hidden("#neuron-missing")
+    assert p.is_hidden("#lora-panel")  # no adapter: no LoRA view
     pg.check_clean()
 
 

@@ -281,6 +281,7 @@ def test_scan_matches_numpy_across_shards_and_nonfinite_values(positions, shard_
     x = rng.standard_normal((rows, 9)).astype(np.float32)
     x[3, 0], x[5, 1], x[8, 2] = np.nan, np.inf, -np.inf
     x[:, 3] = 1.0  # every example ties
+    x[:, 4] = np.round(x[:, 4] * 2) / 2  # ties at many values, at the k-th place too (shared prompt prefixes)
     run = SimpleNamespace(offsets=offsets, splits={"a": (0, 13), "b": (13, 30)})
     sc = scan(run, SyntheticActivations(x, offsets, positions, shard_rows), k=4)
     xm = np.where(np.isfinite(x), x, np.nan)

@@ -1,7 +1,8 @@
 """Command line: ``python -m layerscope inspect RUN_DIR [--show-examples N]``,
 ``python -m layerscope plan [--configfile FILE] [--directory DIR] [--json]``,
 ``python -m layerscope export RUN[:VARIANT] --format seed001|seed004|npy --out DIR`` and
-``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all] [--json]``."""
+``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all] [--json]`` and
+``python -m layerscope serve RUN [--port 8080]``."""
 
 from __future__ import annotations
 
@@ -219,9 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--layers", type=_int_list, help="layers to compare, e.g. 0,3,-1 (default: all in both)")
     cmp.add_argument("--sites", type=_str_list, help="sites to compare (default: all in both)")
     cmp.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    srv = sub.add_parser("serve", help="serve a run's dashboard on 127.0.0.1, saving interpretations to "
+                                       "RUN/interpretations.json")
+    srv.add_argument("run_dir", help="a run directory, e.g. results/demo")
+    srv.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0: any free port)")
     args = parser.parse_args(argv)
     if args.command == "inspect" and args.show_examples < 0:
         parser.error("--show-examples: must be 0 or more")
+    if args.command == "serve" and not 0 <= args.port <= 65535:
+        parser.error("--port: must be 0 to 65535")
     try:
         if args.command == "plan":
             plan_run(args.configfile, args.directory, args.json)
@@ -233,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export":
             export_run(args.run, args.fmt, args.out, args.layers, args.sites, args.force, args.shard_size,
                        args.padding)
+        elif args.command == "serve":
+            from layerscope.web.serve import serve
+
+            serve(args.run_dir, args.port)
         elif args.command == "compare":
             compare_runs(args.run_a, args.run_b, args.positions, args.json, args.layers, args.sites)
         else:

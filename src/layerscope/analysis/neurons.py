@@ -10,7 +10,7 @@ infinite values (float16 overflow) are left out of every statistic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -63,7 +63,14 @@ def _merge_best(best_v: np.ndarray | None, best_e: np.ndarray | None, v: np.ndar
     fill = -np.inf if largest else np.inf
     v = np.where(np.isnan(v), fill, v)
     if len(v) > k:
-        idx = np.argpartition(-v if largest else v, k - 1, axis=0)[:k]
+        key = -v if largest else v
+        idx = np.argpartition(key, k - 1, axis=0)[:k]
+        # argpartition takes any of the values tied with the k-th (examples sharing a prompt prefix
+        # tie exactly): where one was left out, take the lowest examples, as _ordered breaks ties
+        picked = np.take_along_axis(key, idx, 0)
+        kth = picked.max(0)
+        for j in np.flatnonzero((key == kth).sum(0) != (picked == kth).sum(0)):
+            idx[:, j] = np.lexsort((e[:, j], key[:, j]))[:k]
         v, e = np.take_along_axis(v, idx, 0), np.take_along_axis(e, idx, 0)
     return v, np.ascontiguousarray(e)
 
@@ -197,6 +204,28 @@ def contexts(run: Run, acts, cards: np.ndarray, examples: np.ndarray, largest: b
             a, b = max(0, pos - context), min(n_tok, pos + context + 1)
             out[(c, j)] = {"e": e, "pos": pos, "value": float(series[pos]), "start": a, "values": series[a:b]}
     return out
+
+
+def card_entries(run: Run, acts, cards: np.ndarray, top_e: np.ndarray, bot_e: np.ndarray, context: int,
+                 doc: Callable[[int, int, int], int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The examples shown on cards, columnar: for card c, its top (``kind`` 0, from ``top_e[c]``) and
+    bottom (``kind`` 1, ``bot_e[c]``) examples (-1: none), each with ``doc`` (``doc(e, start, end)``
+    names the span of tokens shown), ``pos`` (the peak's token in it), ``value`` and ``ctx_off`` into
+    the returned context values (one float32 per token of the span, NaN where not captured)."""
+    cols: dict[str, list] = {k: [] for k in ("card", "kind", "doc", "pos", "value", "ctx_off")}
+    ctx: list[np.ndarray] = []
+    n_ctx = 0
+    for kind, (ex, largest) in enumerate(((top_e, True), (bot_e, False))):
+        found = contexts(run, acts, cards, ex, largest, context)
+        for (c, _), f in sorted(found.items()):
+            d = doc(f["e"], f["start"], f["start"] + len(f["values"]))
+            for name, v in (("card", c), ("kind", kind), ("doc", d), ("pos", f["pos"] - f["start"]),
+                            ("value", f["value"]), ("ctx_off", n_ctx)):
+                cols[name].append(v)
+            ctx.append(f["values"])
+            n_ctx += len(f["values"])
+    entries = {k: np.array(v, np.float32 if k == "value" else np.int64) for k, v in cols.items()}
+    return entries, np.concatenate(ctx).astype(np.float32) if ctx else np.zeros(0, np.float32)
 
 
 def token_top(acts, examples: list[int], n: int) -> tuple[np.ndarray, np.ndarray]:

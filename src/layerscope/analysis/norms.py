@@ -4,11 +4,13 @@ One pass over each (layer, site) array gives the norm of every row; everything t
 show is derived from those norms: the token x layer view of a few examples, the norm at each
 example's last token (the layer x example view, defined for ``last`` and ``all`` captures
 alike), and per-split means, by position for ``all`` captures and at the last token for both.
+The same summaries of ``||a - b||``, two variants of a run on the same tokens (adapter and base),
+give the difference view (``diff_norms``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,8 +29,34 @@ def row_norms(acts) -> np.ndarray:
     return out
 
 
-def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int]) -> dict[str, Any] | None:
-    """Norm summaries of one site over every layer that captured it (None if none did).
+def diff_row_norms(a, b) -> np.ndarray:
+    """float32 L2 norm of every row of ``a - b``, two views of the same rows (variants of a run),
+    block by block (a's shards)."""
+    out = np.empty(a.shape[0], dtype=np.float32)
+    for (r0, r1), block in a.iter_shards():
+        x = np.asarray(block, dtype=np.float32) - np.asarray(b.rows(r0, r1), dtype=np.float32)
+        out[r0:r1] = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return out
+
+
+def diff_norms(run: Run, other: Run, site: str, token_examples: list[int],
+               columns: list[int]) -> dict[str, Any] | None:
+    """``site_norms`` of ``||run - other||`` (two variants, same tokens) at the layers both hold at the
+    same positions, labelled for the page; None where they share none."""
+    layers = [L for L, s in run.arrays if s == site and (L, s) in other.arrays
+              and run.activations(L, s).positions == other.activations(L, s).positions]
+    out = site_norms(run, site, token_examples, columns, layers=layers,
+                     norms_of=lambda L: diff_row_norms(run.activations(L, site), other.activations(L, site)))
+    if out is not None:
+        a, b = run.variant, other.variant
+        out.update(label=f"{site}: {a} \u2212 {b}", unit=f"L2 norm of ({a} \u2212 {b}) at {site}", diff=[a, b])
+    return out
+
+
+def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int], layers: list[int] | None = None,
+               norms_of: Callable[[int], np.ndarray] | None = None) -> dict[str, Any] | None:
+    """Norm summaries of one site over every layer that captured it, or ``layers`` (None if none).
+    ``norms_of(layer)`` gives the per-row norms (default: of the array itself).
 
     ``layers``/``positions``: the layers and each one's positions; ``last``: [layers, columns]
     norm at the last token of the ``columns`` examples; ``split_last``: {split: [layers]} mean of
@@ -36,7 +64,8 @@ def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int
     per token example a [token_layers, tokens] array, and ``split_pos``/``pos_count``: {split:
     [token_layers, positions]} mean norm at each position over the split's examples that reach it.
     """
-    layers = [L for L, s in run.arrays if s == site]
+    if layers is None:
+        layers = [L for L, s in run.arrays if s == site]
     if not layers:
         return None
     offsets = run.offsets
@@ -52,7 +81,7 @@ def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int
     pos_of_row = None
     for L in layers:
         acts = run.activations(L, site)
-        norms = row_norms(acts)
+        norms = row_norms(acts) if norms_of is None else norms_of(L)
         positions.append(acts.positions)
         at_last = norms[last_rows] if acts.positions == "all" else norms
         last.append(at_last[columns_a])

@@ -1,5 +1,6 @@
-"""Summaries for the dashboard: L2 norms of the residual-stream sites (norms.py), per-neuron
-statistics, cards and logit effects (neurons.py, unembed.py), and the token texts they show.
+"""Summaries for the dashboard: L2 norms of the residual-stream sites and of the difference between
+variants (norms.py), per-neuron statistics, cards and logit effects (neurons.py, unembed.py), LoRA
+neurons (lora.py), and the token texts they show.
 
 The result is a dict of plain values and numpy arrays (``layerscope.packed`` writes it as JSON);
 layerscope.web.page documents its shape. Everything is computed shard by shard, so memory stays
@@ -15,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from layerscope.analysis import neurons as nz
-from layerscope.analysis.norms import NORM_SITES, site_norms
+from layerscope.analysis.lora import lora_summaries
+from layerscope.analysis.norms import NORM_SITES, diff_norms, site_norms
 from layerscope.store.reader import Run
 
 log = logging.getLogger("layerscope.analysis.summaries")
@@ -114,6 +116,18 @@ class Texts:
                          "toks": np.concatenate(toks) if toks else np.zeros(0, np.int64)}}
 
 
+def other_variants(run: Run) -> list[Run]:
+    """The run's other variants (``base`` beside an adapter), each checked to hold the same tokens."""
+    from layerscope.analysis.compare import check_same_tokens
+
+    out = []
+    for name in list(getattr(run, "variants", {}))[1:]:
+        other = Run(run.path, name)
+        check_same_tokens(run, other)
+        out.append(other)
+    return out
+
+
 def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_columns: int) -> dict[str, Any]:
     """The heatmaps' data for every norm site the run captured (see norms.site_norms)."""
     chosen = pick_examples(run, heatmap_examples)
@@ -123,6 +137,12 @@ def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_column
         if any(s == site for _, s in run.arrays):
             log.info("norms of %s", site)
             sites[site] = site_norms(run, site, chosen, columns)
+    for other in other_variants(run):
+        for site in NORM_SITES:
+            log.info("norms of %s: %s - %s", site, run.variant, other.variant)
+            v = diff_norms(run, other, site, chosen, columns)
+            if v is not None:
+                sites[f"{site}:{run.variant}-{other.variant}"] = v
     token_examples = chosen if any("token_layers" in v for v in sites.values()) else []
     return {"sites": sites, "token_examples": token_examples, "token_docs": [texts.doc(e) for e in token_examples],
             "columns": np.array([texts.example(e) for e in columns], np.int64)}
@@ -146,20 +166,8 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
                                "mean": sc.mean, "sd": sc.sd, "split_mean": sc.split_mean, "best": best, "sel": sel,
                                "cards": cards, "hist_lo": lo, "hist_hi": hi,
                                "hist": nz.histograms(acts, cards, lo, hi, HIST_BINS)}
-        cols = {k: [] for k in ("card", "kind", "doc", "pos", "value", "ctx_off")}
-        ctx: list[np.ndarray] = []
-        n_ctx = 0
-        for kind, (ex, largest) in enumerate(((sc.top_e[cards], True), (sc.bot_e[cards], False))):
-            found = nz.contexts(run, acts, cards, ex, largest, context)
-            for (c, j), f in sorted(found.items()):
-                d = texts.doc(f["e"], f["start"], f["start"] + len(f["values"]))
-                for name, v in (("card", c), ("kind", kind), ("doc", d), ("pos", f["pos"] - f["start"]),
-                                ("value", f["value"]), ("ctx_off", n_ctx)):
-                    cols[name].append(v)
-                ctx.append(f["values"])
-                n_ctx += len(f["values"])
-        out["entries"] = {k: np.array(v, np.float32 if k == "value" else np.int64) for k, v in cols.items()}
-        out["ctx"] = np.concatenate(ctx).astype(np.float32) if ctx else np.zeros(0, np.float32)
+        out["entries"], out["ctx"] = nz.card_entries(run, acts, cards, sc.top_e[cards], sc.bot_e[cards], context,
+                                                     texts.doc)
         if unembed is not None and len(cards):
             up, up_v, down, down_v = unembed.logit_effects(L, cards, output_tokens)
             out.update(out_up=texts.token_texts(up), out_up_v=up_v.astype(np.float32),
@@ -221,6 +229,7 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
         neurons = neuron_summaries(run, texts, site, top_k, context, neurons_per_layer, output_tokens,
                                    token_examples, unembed)
         notes["output_tokens"] = output_note if unembed is None else None
+    lora = lora_summaries(run, texts.doc, top_k, context)
     adapter = md.get("adapter")
     meta = {"model": md["model_name"], "revision": md.get("model_revision"),
             "adapter": adapter["name"] if adapter else None, "dataset": md["dataset_name"],
@@ -230,6 +239,9 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
             "created": md["created"], "layerscope": md["layerscope_version"]}
     tables = texts.tables()
     log.info("summary: %d docs, %d distinct token texts", len(texts.docs), len(tables["texts"]))
-    return {"version": 2, "title": f"LayerScope: {run.path.name}", "meta": meta, "budget_mib": budget_mib,
-            "splits": list(run.splits), "split_sizes": [b - a for a, b in run.splits.values()],
-            **tables, "norms": norms, "neurons": neurons, "notes": notes}
+    # the browser keeps interpretations per run under this key (page: localStorage)
+    run_key = "|".join(str(x) for x in (run.path.name, md["model_name"], meta["adapter"], md["dataset_name"]))
+    return {"version": 3, "title": f"LayerScope: {run.path.name}", "meta": meta, "run_key": run_key,
+            "budget_mib": budget_mib, "splits": list(run.splits),
+            "split_sizes": [b - a for a, b in run.splits.values()],
+            **tables, "norms": norms, "neurons": neurons, "lora": lora, "notes": notes}

@@ -2,8 +2,9 @@
 first, and say what was cut so that the page can tell the reader.
 
 Cuts, in order: neuron cards beyond 8 per layer, the per-token top-neuron links, layer x example
-columns beyond 32, token x layer examples beyond 2, the remaining cards. Each step halves; texts
-and docs no longer referenced are dropped after every step. The neuron index is never cut.
+columns beyond 32, token x layer examples beyond 2, LoRA-neuron examples beyond 2 per list, the
+remaining cards. Each step halves; texts and docs no longer referenced are dropped after every
+step. The neuron index and every LoRA neuron's statistics are never cut.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ def _cards(layer: dict[str, Any]) -> int:
     return len(layer["cards"])
 
 
+def keep_entries(table: dict[str, Any], keep: np.ndarray) -> None:
+    """Keep the ``entries`` (and their ``ctx`` values) of a card table where ``keep`` is true."""
+    e = table["entries"]
+    lens = np.diff(np.append(e["ctx_off"], len(table["ctx"])))
+    ctx = [table["ctx"][o:o + m] for o, m in zip(e["ctx_off"][keep], lens[keep])]
+    table["entries"] = {k: v[keep] for k, v in e.items()}
+    table["entries"]["ctx_off"] = np.concatenate([[0], np.cumsum([len(c) for c in ctx])[:-1]]).astype(np.int64) \
+        if ctx else np.zeros(0, np.int64)
+    table["ctx"] = np.concatenate(ctx) if ctx else np.zeros(0, np.float32)
+
+
 def cut_cards(s: dict[str, Any], n: int) -> None:
     """Keep the first ``n`` cards (they are in rank order) of every layer."""
     for layer in (s.get("neurons") or {}).get("layers", {}).values():
@@ -25,14 +37,35 @@ def cut_cards(s: dict[str, Any], n: int) -> None:
         for k in ("cards", "hist_lo", "hist_hi", "hist", "out_up", "out_up_v", "out_down", "out_down_v"):
             if k in layer:
                 layer[k] = layer[k][:n]
-        e = layer["entries"]
-        keep = e["card"] < n
-        lens = np.diff(np.append(e["ctx_off"], len(layer["ctx"])))
-        ctx = [layer["ctx"][o:o + m] for o, m in zip(e["ctx_off"][keep], lens[keep])]
-        layer["entries"] = {k: v[keep] for k, v in e.items()}
-        layer["entries"]["ctx_off"] = np.concatenate([[0], np.cumsum([len(c) for c in ctx])[:-1]]).astype(np.int64) \
-            if ctx else np.zeros(0, np.int64)
-        layer["ctx"] = np.concatenate(ctx) if ctx else np.zeros(0, np.float32)
+        keep_entries(layer, layer["entries"]["card"] < n)
+
+
+def lora_tables(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """The LoRA modules' tables (one per layer and module), each with ``entries`` like a layer of cards."""
+    return [L[m] for L in ((s.get("lora") or {}).get("layers") or {}).values() for m in L["modules"]]
+
+
+def _rank_in_list(e: dict[str, np.ndarray]) -> np.ndarray:
+    """Each entry's place in its list (same card and kind; entries are stored best first)."""
+    key = e["card"] * 2 + e["kind"]
+    rank = np.zeros(len(key), np.int64)
+    seen: dict[int, int] = {}
+    for i, k in enumerate(key.tolist()):
+        rank[i] = seen.get(k, 0)
+        seen[k] = rank[i] + 1
+    return rank
+
+
+def lora_per_list(s: dict[str, Any]) -> int:
+    """The longest LoRA-neuron example list."""
+    return max((int(_rank_in_list(t["entries"]).max()) + 1 for t in lora_tables(s) if len(t["entries"]["card"])),
+               default=0)
+
+
+def cut_lora(s: dict[str, Any], n: int) -> None:
+    """Keep the first ``n`` examples of every LoRA neuron's positive and negative lists."""
+    for t in lora_tables(s):
+        keep_entries(t, _rank_in_list(t["entries"]) < n)
 
 
 def cut_token_top(s: dict[str, Any]) -> None:
@@ -63,7 +96,8 @@ def compact_tables(s: dict[str, Any]) -> None:
     """Drop docs, examples and texts nothing refers to any more, renumbering the references."""
     docs, ex = s["docs"], s["examples"]
     layers = list((s.get("neurons") or {}).get("layers", {}).values())
-    used_docs = sorted(set(s["norms"]["token_docs"]) | {int(d) for L in layers for d in L["entries"]["doc"]})
+    tables = layers + lora_tables(s)  # everything with card entries
+    used_docs = sorted(set(s["norms"]["token_docs"]) | {int(d) for L in tables for d in L["entries"]["doc"]})
     doc_map = {d: i for i, d in enumerate(used_docs)}
     used_ex = sorted({int(docs["example"][d]) for d in used_docs} | {int(c) for c in s["norms"]["columns"]})
     ex_map = np.full(len(ex["index"]), -1, np.int64)
@@ -83,8 +117,9 @@ def compact_tables(s: dict[str, Any]) -> None:
                      "split": ex["split"][used_ex], "n_tokens": ex["n_tokens"][used_ex]}
     s["norms"]["token_docs"] = [doc_map[d] for d in s["norms"]["token_docs"]]
     s["norms"]["columns"] = ex_map[s["norms"]["columns"]]
+    for t in tables:
+        t["entries"]["doc"] = np.array([doc_map[int(d)] for d in t["entries"]["doc"]], np.int64)
     for L in layers:
-        L["entries"]["doc"] = np.array([doc_map[int(d)] for d in L["entries"]["doc"]], np.int64)
         for k in ("out_up", "out_down"):
             if k in L:
                 L[k] = txt_map[L[k]]
@@ -121,9 +156,16 @@ def _steps(s: dict[str, Any]) -> list[tuple[str, Callable[[], bool]]]:
         cut_token_examples(s, max(2, n // 2))
         return True
 
+    def halve_lora() -> bool:
+        n = lora_per_list(s)
+        if n <= 2:
+            return False
+        cut_lora(s, max(2, n // 2))
+        return True
+
     return [("neuron cards", halve_cards(8)), ("layers with top-neuron links of heatmap cells", drop_token_top),
             ("layer x example columns", halve_columns), ("token x layer examples", halve_token_examples),
-            ("neuron cards", halve_cards(0))]
+            ("LoRA-neuron examples per list", halve_lora), ("neuron cards", halve_cards(0))]
 
 
 def counts(s: dict[str, Any]) -> dict[str, int]:
@@ -132,7 +174,8 @@ def counts(s: dict[str, Any]) -> dict[str, int]:
     return {"neuron cards": sum(_cards(L) for L in layers.values()),
             "layers with top-neuron links of heatmap cells": len((s.get("neurons") or {}).get("token_top") or {}),
             "layer x example columns": len(s["norms"]["columns"]),
-            "token x layer examples": len(s["norms"]["token_docs"])}
+            "token x layer examples": len(s["norms"]["token_docs"]),
+            "LoRA-neuron examples per list": lora_per_list(s)}
 
 
 def fit(s: dict[str, Any], size: Callable[[dict[str, Any]], int], budget_bytes: int) -> dict[str, Any]:

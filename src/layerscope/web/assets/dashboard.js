@@ -1,6 +1,8 @@
 // LayerScope dashboard. Reads its data from the #data element only, writes strings into the page
 // only through textContent and setAttribute (never markup), and makes no request: everything it
-// draws comes from this file.
+// draws comes from this file. The one exception: served by `layerscope serve`, it reads and saves
+// interpretations.json at its own origin (interpretations.js). Assets named in /*@include*/ lines
+// are inlined there by layerscope.web.page, in this one scope.
 (function () {
 'use strict';
 
@@ -45,7 +47,8 @@ const docToks = d => DOCS.toks.subarray(DOCS.offsets[d], DOCS.offsets[d + 1]);
 const notes = D.notes || {};
 
 // ---- state in the URL hash: every view can be linked to and restored ----
-const S = {s: '', v: '', x: 0, a: 0, b: 1, d: 0, m: 'global', c: '0.0', L: '', n: -1, q: '', o: 'max', t: 'position'};
+const S = {s: '', v: '', x: 0, a: 0, b: 1, d: 0, m: 'global', c: '0.0', L: '', n: -1, q: '', o: 'max', t: 'position',
+  l: '', r: 0};  // l, r: the LoRA view's layer and neuron
 const readHash = () => {
   const p = new URLSearchParams(location.hash.slice(1));
   for (const k of Object.keys(S)) if (p.has(k)) S[k] = typeof S[k] === 'number' ? Number(p.get(k)) : p.get(k);
@@ -124,6 +127,8 @@ const sites = Object.keys(NS);
 const heat = {matrix: null};
 const VIEWS = {tokens: 'token x layer, one example', posmean: 'token position x layer, split mean',
   examples: 'layer x example (last token)', splits: 'layer x split mean (last token)'};
+// a difference site (SITE:adapter-base, two variants of the run) names itself by its label
+const siteLabel = s => (NS[s] && NS[s].label) || s;
 const tokenDocs = (D.norms && D.norms.token_docs) || [];
 const columns = (D.norms && D.norms.columns) || [];
 
@@ -138,7 +143,7 @@ const viewsOf = site => {
 // The matrix a view shows: rows (layers), columns, values, and what a cell says and links to.
 const buildMatrix = () => {
   const v = NS[S.s], A = splits[S.a], B = splits[S.b], diff = !!S.d && splits.length > 1;
-  const m = {rows: [], cols: [], colTitles: [], vals: [], diverging: false, unit: 'L2 norm of ' + S.s,
+  const m = {rows: [], cols: [], colTitles: [], vals: [], diverging: false, unit: v.unit || 'L2 norm of ' + S.s,
     cell: null, caption: ''};
   if (S.v === 'tokens') {
     const d = tokenDocs[S.x], toks = docToks(d), T = v.tokens[S.x], r = DOCS.example[d];
@@ -146,7 +151,7 @@ const buildMatrix = () => {
     m.cols = Array.from(toks, t => show(D.texts[t]));
     m.colTitles = Array.from(toks, (t, p) => 'position ' + p + ': ' + show(D.texts[t]));
     m.vals = v.token_layers.map((L, j) => Array.from(row(T, j)));
-    m.cell = (j, p) => S.s + ', layer ' + v.token_layers[j] + ", token '" + show(D.texts[toks[p]]) + "' (position " + p
+    m.cell = (j, p) => siteLabel(S.s) + ', layer ' + v.token_layers[j] + ", token '" + show(D.texts[toks[p]]) + "' (position " + p
       + ') of ' + exLabel(r);
     m.caption = 'Example ' + exLabel(r) + ': ' + toks.length + ' tokens. Enter on a cell lists the neurons most active there.';
     m.layers = v.token_layers;
@@ -159,7 +164,7 @@ const buildMatrix = () => {
     m.colTitles = cols.map(p => 'position ' + p + ': ' + cA[p] + ' examples of ' + A + (diff ? ', ' + cB[p] + ' of ' + B : ''));
     m.vals = v.token_layers.map((L, j) => cols.map(p => diff ? row(v.split_pos[A], j)[p] - row(v.split_pos[B], j)[p]
       : row(v.split_pos[A], j)[p]));
-    m.cell = (j, c) => S.s + ', layer ' + v.token_layers[j] + ', position ' + cols[c] + ', mean over ' + (diff ? A + ' \u2212 ' + B : A);
+    m.cell = (j, c) => siteLabel(S.s) + ', layer ' + v.token_layers[j] + ', position ' + cols[c] + ', mean over ' + (diff ? A + ' \u2212 ' + B : A);
     m.caption = 'Mean L2 norm at each token position over the examples of ' + (diff ? A + ' minus ' + B : A)
       + ' that are that long.';
     m.layers = v.token_layers;
@@ -168,7 +173,7 @@ const buildMatrix = () => {
     m.cols = Array.from(columns, r => EX.id[r]);
     m.colTitles = Array.from(columns, r => exLabel(r));
     m.vals = v.layers.map((L, j) => Array.from(row(v.last, j)));
-    m.cell = (j, c) => S.s + ', layer ' + v.layers[j] + ', last token of ' + exLabel(columns[c]);
+    m.cell = (j, c) => siteLabel(S.s) + ', layer ' + v.layers[j] + ', last token of ' + exLabel(columns[c]);
     m.caption = columns.length + ' of ' + (D.meta && D.meta.examples) + ' examples (round-robin over splits). '
       + 'Enter on a cell opens the example as token x layer when the page has it.';
     m.layers = v.layers;
@@ -177,11 +182,11 @@ const buildMatrix = () => {
     m.cols = diff ? [A + ' \u2212 ' + B] : splits.slice();
     m.colTitles = m.cols.map((c, i) => diff ? c : c + ' (' + D.split_sizes[i] + ' examples)');
     m.vals = v.layers.map((L, j) => diff ? [v.split_last[A][j] - v.split_last[B][j]] : splits.map(s => v.split_last[s][j]));
-    m.cell = (j, c) => S.s + ', layer ' + v.layers[j] + ', mean at the last token over ' + m.cols[c];
+    m.cell = (j, c) => siteLabel(S.s) + ', layer ' + v.layers[j] + ', mean at the last token over ' + m.cols[c];
     m.caption = 'Mean over every example of each split of the L2 norm at its last token.';
     m.layers = v.layers;
   }
-  if (diff && (S.v === 'posmean' || S.v === 'splits')) { m.diverging = true; m.unit = 'difference of L2 norm of ' + S.s + ' (' + A + ' \u2212 ' + B + ')'; }
+  if (diff && (S.v === 'posmean' || S.v === 'splits')) { m.diverging = true; m.unit = 'difference of ' + (v.unit || 'L2 norm of ' + S.s) + ' (' + A + ' \u2212 ' + B + ')'; }
   return m;
 };
 
@@ -303,7 +308,7 @@ const setupHeat = () => {
     return false;
   }
   if (notes.heatmap) { $('heat-missing').textContent = notes.heatmap; $('heat-missing').hidden = false; }
-  sites.forEach(s => $('heat-site').append(el('option', {value: s}, s)));
+  sites.forEach(s => $('heat-site').append(el('option', {value: s}, siteLabel(s))));
   tokenDocs.forEach((d, i) => $('heat-example').append(el('option', {value: String(i)}, exLabel(DOCS.example[d]))));
   splits.forEach((s, i) => { $('heat-a').append(el('option', {value: String(i)}, s)); $('heat-b').append(el('option', {value: String(i)}, s)); });
   const grid = $('heatmap');
@@ -542,48 +547,71 @@ const drawCard = () => {
   // top / bottom activating examples, one entry per example, context coloured token by token
   const scale = Math.max(Math.abs(Ld.max[n]) || 0, Math.abs(Ld.min[n]) || 0);
   for (const [kind, title] of [[0, 'Top activations (one per example)'], [1, 'Bottom activations (one per example)']]) {
-    card.append(el('h3', {}, title));
-    const ul = el('ul', {class: 'entries', 'data-kind': kind ? 'bottom' : 'top'});
-    const list = entriesOf(Ld, c, kind);
-    if (!list.length) ul.append(el('li', {class: 'empty'}, 'none'));
-    for (const i of list) {
-      const e = Ld.entries, d = e.doc[i], toks = docToks(d), r = DOCS.example[d], start = DOCS.start[d];
-      const pos = e.pos[i], off = e.ctx_off[i];
-      const li = el('li', {class: 'entry', tabindex: '-1'});
-      const line = el('div', {class: 'ctx'});
-      toks.forEach((t, p) => {
-        const v = Ld.ctx[off + p];
-        line.append(tokSpan(D.texts[t], Number.isNaN(v) ? null : v, scale, p === pos, "'" + show(D.texts[t]) + "' position " + (start + p) + ': ' + fmt(v)));
-      });
-      const msg = 'layer ' + S.L + ', neuron ' + n + ", token '" + show(D.texts[toks[pos]]) + "' of " + exLabel(r) + ', position ' + (start + pos) + ': ' + fmt(e.value[i]);
-      li.setAttribute('aria-label', msg); li.dataset.msg = msg;
-      const info = el('div', {class: 'info'}, exLabel(r) + ' \u00b7 position ' + (start + pos) + ' \u00b7 value ' + fmt(e.value[i]) + ' \u00b7 ');
-      const ti = tokenDocs.findIndex(dd => DOCS.example[dd] === r), ci = Array.from(columns).indexOf(r);
-      let link = null;
-      const v = NS[S.s] || NS[sites[0]];
-      if (ti >= 0 && v && v.token_layers) {
-        const j = v.token_layers.indexOf(Number(S.L));
-        link = hashOf({v: 'tokens', x: ti, c: Math.max(0, j) + '.' + (start + pos)});
-      } else if (ci >= 0 && v) {
-        link = hashOf({v: 'examples', c: Math.max(0, v.layers.indexOf(Number(S.L))) + '.' + ci});
-      }
-      if (link) info.append(el('a', {href: link, tabindex: '-1', class: 'to-example'}, 'whole example \u2192'));
-      else info.append(el('span', {class: 'empty'}, 'example not in the heatmaps of this page'));
-      li.append(line, info);
-      ul.append(li);
-    }
-    card.append(ul);
-    const items = () => Array.from(ul.querySelectorAll('li.entry'));
-    if (items().length) {
-      roving(ul, items, () => 1, li => say(li.dataset.msg));
-      ul.addEventListener('focusin', ev => { if (ev.target.dataset && ev.target.dataset.msg) say(ev.target.dataset.msg); });
-      ul.addEventListener('keydown', ev => {
-        if (ev.key !== 'Enter') return;
-        const a = ev.target.querySelector && ev.target.querySelector('a.to-example');
-        if (a) { ev.preventDefault(); a.click(); }
-      });
-    }
+    card.append(el('h3', {}, title), entryList(Ld, c, kind, scale, 'layer ' + S.L + ', neuron ' + n, Number(S.L)));
   }
+};
+
+// The top (kind 0) or bottom (kind 1) examples of card c of table T (a layer of neuron cards, or a
+// LoRA module: both hold entries and ctx), one per example, every context token coloured by its own
+// value at full colour for |value| = scale. One tab stop; Up/Down move between entries, Left/Right
+// between the tokens of one (each value in the status line), Enter opens the whole example.
+const entryList = (T, c, kind, scale, what, layer) => {
+  const ul = el('ul', {class: 'entries', 'data-kind': kind ? 'bottom' : 'top'});
+  const list = entriesOf(T, c, kind);
+  if (!list.length) ul.append(el('li', {class: 'empty'}, 'none'));
+  for (const i of list) {
+    const e = T.entries, d = e.doc[i], toks = docToks(d), r = DOCS.example[d], start = DOCS.start[d];
+    const pos = e.pos[i], off = e.ctx_off[i];
+    const li = el('li', {class: 'entry', tabindex: '-1'});
+    const line = el('div', {class: 'ctx'});
+    toks.forEach((t, p) => {
+      const v = T.ctx[off + p], msg = "'" + show(D.texts[t]) + "' position " + (start + p) + ' of ' + exLabel(r) + ': ' + fmt(v);
+      const sp = tokSpan(D.texts[t], Number.isNaN(v) ? null : v, scale, p === pos, msg);
+      sp.dataset.msg = what + ', token ' + msg;
+      line.append(sp);
+    });
+    const msg = what + ", token '" + show(D.texts[toks[pos]]) + "' of " + exLabel(r) + ', position ' + (start + pos) + ': ' + fmt(e.value[i]);
+    li.setAttribute('aria-label', msg); li.dataset.msg = msg; li.dataset.pos = String(pos); li.dataset.cur = String(pos);
+    const info = el('div', {class: 'info'}, exLabel(r) + ' \u00b7 position ' + (start + pos) + ' \u00b7 value ' + fmt(e.value[i]) + ' \u00b7 ');
+    const ti = tokenDocs.findIndex(dd => DOCS.example[dd] === r), ci = Array.from(columns).indexOf(r);
+    let link = null;
+    const v = NS[S.s] || NS[sites[0]];
+    if (ti >= 0 && v && v.token_layers) {
+      const j = v.token_layers.indexOf(layer);
+      link = hashOf({v: 'tokens', x: ti, c: Math.max(0, j) + '.' + (start + pos)});
+    } else if (ci >= 0 && v) {
+      link = hashOf({v: 'examples', c: Math.max(0, v.layers.indexOf(layer)) + '.' + ci});
+    }
+    if (link) info.append(el('a', {href: link, tabindex: '-1', class: 'to-example'}, 'whole example \u2192'));
+    else info.append(el('span', {class: 'empty'}, 'example not in the heatmaps of this page'));
+    li.append(line, info);
+    ul.append(li);
+  }
+  const items = () => Array.from(ul.querySelectorAll('li.entry'));
+  if (!items().length) return ul;
+  const cursor = (li, p) => {  // the token of an entry that Left/Right reached
+    const spans = li.querySelectorAll('.tok');
+    spans.forEach((sp, k) => sp.classList.toggle('cur', k === p));
+    li.dataset.cur = String(p);
+    say(p === Number(li.dataset.pos) ? li.dataset.msg : spans[p].dataset.msg);
+  };
+  roving(ul, items, () => 1, li => say(li.dataset.msg));
+  ul.addEventListener('focusin', ev => { if (ev.target.dataset && ev.target.dataset.msg) cursor(ev.target, Number(ev.target.dataset.pos)); });
+  ul.addEventListener('focusout', ev => { if (ev.target.querySelectorAll) ev.target.querySelectorAll('.tok.cur').forEach(sp => sp.classList.remove('cur')); });
+  ul.addEventListener('mouseover', ev => { const sp = ev.target.closest && ev.target.closest('.tok'); if (sp && sp.dataset.msg) say(sp.dataset.msg); });
+  ul.addEventListener('keydown', ev => {
+    const li = ev.target;
+    if (!li.classList || !li.classList.contains('entry')) return;
+    if (ev.key === 'ArrowLeft' || ev.key === 'ArrowRight') {
+      const p = Number(li.dataset.cur) + (ev.key === 'ArrowRight' ? 1 : -1);
+      if (p >= 0 && p < li.querySelectorAll('.tok').length) cursor(li, p);
+      return;
+    }
+    if (ev.key !== 'Enter') return;
+    const a = li.querySelector('a.to-example');
+    if (a) { ev.preventDefault(); a.click(); }
+  });
+  return ul;
 };
 
 const setupNeurons = () => {
@@ -631,8 +659,11 @@ const syncNeuronControls = () => {
   $('n-layer').value = S.L; $('n-search').value = S.q; $('n-sort').value = S.o;
 };
 
+/*@include interpretations.js*/
+/*@include lora.js*/
+
 // ---- one render from the state; the hash is rewritten, links push new entries ----
-const hasHeat = setupHeat(), hasNeurons = setupNeurons();
+const hasHeat = setupHeat(), hasNeurons = setupNeurons(), hasLora = setupLora();
 setupThree();
 // Each control redraws only its own panel; a hash change (a followed link, Back) redraws all.
 function renderHeat() {
@@ -644,7 +675,7 @@ function renderNeurons() {
   if (hasNeurons) { syncNeuronControls(); drawIndex(); drawCard(); }
   saveHash();
 }
-const render = () => { renderHeat(); renderNeurons(); };
+const render = () => { renderHeat(); renderNeurons(); renderLora(); };
 readHash();
 render();
 window.addEventListener('hashchange', () => {
