@@ -250,3 +250,30 @@ def test_steering_page_in_chromium(steered_workflow):
         assert p.text_content("#cube-status") != before
         pg.check_clean()
         b.close()
+
+
+@pytest.mark.parametrize("arch", ["gpt2-tiny", "opt-tiny", "qwen2-tiny", "mixtral-tiny"])
+def test_steering_in_every_supported_architecture(tmp_path, model_factory, arch):
+    """The same hook on each architecture's decoder layers: layer 1 moves by exactly strength x vector
+    (every real token), layer 0 does not move, and layer 2 is changed downstream."""
+    m = model_factory(arch)
+    ds = prepare_texts(tmp_path, m)
+    layers = {L: {"sites": ["resid_post"], "positions": "all"} for L in range(3)}
+    params = make_params(layers, parts=1)
+    root = capture_store(tmp_path, {"model": m, "adapter": None}, params, ds, name="normal", layers_per_job=2)
+    vec = np.random.default_rng(5).normal(size=m["hidden_size"]).astype(np.float32)
+    steer = {"name": "s", "layer": 1, "strength": 2.0, "positions": "all", "vector": vec}
+    for start, end in ((0, 1), (2, 2)):
+        caps = [(L, "resid_post", "all") for L in range(start, end + 1)]
+        job = {k: v for k, v in params.items() if k != "layers"} | {"block": [start, end]}
+        run_capture({"model": m, "adapter": None}, ds, tmp_path / "s.zarr", job, 0, caps, device="cpu",
+                    group=f"L{start}", steer=steer,
+                    boundary_in=boundary_path(tmp_path / "s-chain", start, 0) if start else None,
+                    boundary_out=boundary_path(tmp_path / "s-chain", end + 1, 0) if end < 2 else None)
+    ids, offsets = load_tokens(ds)
+    finalize(tmp_path / "s.zarr", [(L, "resid_post", "all") for L in range(3)], 1, ids, offsets, {"run": "t"})
+    n, s = zarr.open_group(str(root), mode="r"), zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    diff = [s[f"layer_{L:02d}/resid_post"][:].astype(np.float64) - n[f"layer_{L:02d}/resid_post"][:] for L in range(3)]
+    assert not diff[0].any()
+    np.testing.assert_allclose(diff[1], np.broadcast_to(2.0 * vec, diff[1].shape), atol=1e-4)
+    assert np.abs(diff[2]).max() > 1e-3
