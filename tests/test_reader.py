@@ -189,3 +189,35 @@ def test_inspect_flags_out_of_range_values(run_copy):
                          text=True, check=True).stdout
     flagged = [line for line in out.splitlines() if "NaN/inf" in line]
     assert len(flagged) == 1 and "layer_02/resid_post" in flagged[0] and "7 NaN/inf (5 out of float16 range)" in flagged[0]
+
+
+def test_to_xarray_is_lazy_and_labelled(demo):
+    pytest.importorskip("xarray")
+    import layerscope
+
+    run = layerscope.open(demo / "results" / "demo")
+    ds = run.to_xarray()
+    var = ds["layer_02.resid_post"]
+    assert var.dims == ("token", "hidden") and var.shape == run.activations(2, "resid_post").shape
+    assert type(var.data).__module__.startswith("dask")  # nothing read yet
+    em = var.isel(token=(ds.token_split == "EM").values).values
+    np.testing.assert_array_equal(em, run.activations(2, "resid_post", split="EM").numpy())
+    e = 4  # a token's coordinates: its example, that example's id and split, its position, its id
+    t0 = int(run.offsets[e]) + 2
+    tok = ds.isel(token=t0)
+    assert (int(tok.token_example), tok.token_example_id.item(), tok.token_split.item(), int(tok.position)) == \
+        (e, run.examples[e]["id"], run.examples[e]["split"], 2)
+    assert int(tok.token_id) == int(run.tokens(e)[2])
+    assert ds["layer_00.mlp_act"].dims == ("token", "neuron") and ds["layer_00.mlp_act"].dtype == np.float16  # as stored
+
+
+def test_to_xarray_widens_bfloat16(other_run):
+    pytest.importorskip("xarray")
+    import layerscope
+
+    run = layerscope.open(other_run)
+    layer, site = next((L, s) for L, s in run.arrays)
+    assert run.activations(layer, site).dtype == "bfloat16"
+    var = run.to_xarray()[f"layer_{layer:02d}.{site}"]
+    assert var.dtype == np.float32
+    np.testing.assert_array_equal(var.values, run.activations(layer, site).numpy())

@@ -237,6 +237,13 @@ class Run:
         """Variant -> store directory name, the main store first (one entry for a run of one pass)."""
         return self.metadata.get("variants") or {"main": STORE}
 
+    def to_xarray(self):
+        """Every array as one lazy (dask) xarray.Dataset with example, split and token coordinates
+        (see store/xarray.py; needs xarray and dask)."""
+        from layerscope.store.xarray import to_xarray
+
+        return to_xarray(self)
+
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}: {self.metadata.get('model_name')}, {len(self)} examples, "
                 f"layers {self.layers}, sites {self.sites})")
