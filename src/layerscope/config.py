@@ -305,7 +305,7 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     main = "adapter" if adapter is not None else "base"
     variants = cap["variants"] or [main]
     extra = cfg["adapters"]
-    if extra and adapter is None:
+    if adapter is None and any(v in extra for v in variants):
         raise ConfigError("config error: adapters: more adapters are variants beside the main adapter; set adapter: "
                           "(the one activations.zarr holds) too")
     for name in extra:

@@ -89,7 +89,7 @@ def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_cod
     tok = load_tokenizer(load_manifest(manifest), trust_remote_code)
     return prepare(dataset["path"], tok, out_dir, fmt=dataset["format"], default_split=dataset["default_split"],
                    max_length=dataset["max_length"], add_special_tokens=dataset["add_special_tokens"],
-                   add_generation_prompt=dataset["add_generation_prompt"])
+                   add_generation_prompt=dataset.get("add_generation_prompt", False))
 
 
 def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: dict, part: int, markers: list[str],
