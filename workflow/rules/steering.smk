@@ -54,6 +54,10 @@ for _block in PLAN.blocks:
             "../scripts/capture.py"
 
 
+# A profile's settings for `capture` (threads, memory, GPUs) apply to steered capture jobs too.
+apply_capture_overrides([f"steer_{b.name}" for b in PLAN.blocks])
+
+
 rule steering_summary:
     input:
         store=f"{RESULTS}/activations.steer-{{target}}.zarr/zarr.json",
