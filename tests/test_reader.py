@@ -221,3 +221,18 @@ def test_to_xarray_widens_bfloat16(other_run):
     var = run.to_xarray()[f"layer_{layer:02d}.{site}"]
     assert var.dtype == np.float32
     np.testing.assert_array_equal(var.values, run.activations(layer, site).numpy())
+
+
+def test_plain_xarray_can_select_a_split_from_the_store(demo):
+    """Without LayerScope: the store holds each example's id and split and each token's example."""
+    xr = pytest.importorskip("xarray")
+    import layerscope
+
+    store = demo / "results" / "demo" / "activations.zarr"
+    run = layerscope.open(demo / "results" / "demo")
+    ex = xr.open_zarr(store, group="examples", consolidated=False)
+    tok = xr.open_zarr(store, group="tokens", consolidated=False)
+    assert list(ex.id.values) == [e["id"] for e in run.examples]
+    layer = xr.open_zarr(store, group="layer_01", consolidated=False)
+    in_em = (ex.split.values == "EM")[tok.example.values]
+    np.testing.assert_array_equal(layer.resid_post.values[in_em], run.activations(1, "resid_post", "EM").numpy())

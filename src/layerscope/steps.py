@@ -189,12 +189,13 @@ def steering_summary(run_dir: str, target: dict, vector: str, regions: int, out:
 
 def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str, variant: str | None = None) -> None:
     from layerscope import __version__
-    from layerscope.data.dataset import load_tokens
+    from layerscope.data.dataset import load_examples, load_tokens
     from layerscope.store.layout import finalize
 
     ids, offsets = load_tokens(dataset_dir)
     attrs = {"run": run, "version": __version__} | ({"variant": variant} if variant else {})
-    finalize(store, [tuple(a) for a in arrays], parts, ids, offsets, attrs)
+    finalize(store, [tuple(a) for a in arrays], parts, ids, offsets, attrs,
+             examples=load_examples(Path(dataset_dir) / "examples.jsonl"))
     log.info("store %s finalized: %d arrays x %d parts", store, len(arrays), parts)
 
 

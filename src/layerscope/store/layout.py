@@ -4,6 +4,8 @@ Layout of ``activations.zarr``::
 
     zarr.json                     root group, consolidated metadata (written last, by finalize)
     tokens/ids, tokens/offsets    the ragged token ids of every example
+    tokens/example                each token's example (index)
+    examples/id, examples/split   each example's id and split (strings)
     layer_07/zarr.json            a group per layer
     layer_07/resid_post/          an array per layer x site: [example, hidden] or [token, hidden]
         zarr.json, c/<shard>/0    Zarr metadata and shards
@@ -163,10 +165,12 @@ def write_marker(root: Path, layer: int, site: str, part: int, positions: str, i
 
 
 def finalize(root: str | os.PathLike, arrays: list[tuple[int, str, str]], parts: int, token_ids: np.ndarray,
-             offsets: np.ndarray, attrs: dict[str, Any]) -> dict[str, Any]:
+             offsets: np.ndarray, attrs: dict[str, Any], examples: list[dict[str, Any]] | None = None
+             ) -> dict[str, Any]:
     """Check every part of every array ((layer, site, positions) triples) is complete, add the
-    tokens, drop arrays and markers no longer planned, and write the consolidated root metadata
-    (the store's 'finished' flag)."""
+    tokens (and, given ``examples``, each example's id and split and each token's example, so
+    that any Zarr or xarray reader can select a split), drop arrays and markers no longer
+    planned, and write the consolidated root metadata (the store's 'finished' flag)."""
     import zarr
 
     root = Path(root)
@@ -214,6 +218,15 @@ def finalize(root: str | os.PathLike, arrays: list[tuple[int, str, str]], parts:
     o = g.create_array("tokens/offsets", shape=offsets.shape, dtype="int64", chunks=(len(offsets),),
                        overwrite=True, dimension_names=["example_edge"], compressors=None, fill_value=-1)
     o[:] = offsets
+    if examples is not None:
+        n = len(offsets) - 1
+        for key in ("id", "split"):
+            a = g.create_array(f"examples/{key}", shape=(n,), dtype=str, chunks=(max(n, 1),), overwrite=True,
+                               dimension_names=["example"])
+            a[:] = np.array([str(ex[key]) for ex in examples], dtype=object)
+        e = g.create_array("tokens/example", shape=token_ids.shape, dtype="int32", chunks=(chunk,), overwrite=True,
+                           dimension_names=["token"], compressors=None, fill_value=-1)
+        e[:] = np.repeat(np.arange(n, dtype=np.int32), np.diff(offsets))
     g.attrs.update({"layerscope": {**attrs, "arrays": sorted(planned), "parts": parts, "jobs": jobs,
                                    "positions": {array_path(L, s): pos for L, s, pos in arrays},
                                    "nonfinite": counts}})
