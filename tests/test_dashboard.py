@@ -366,6 +366,9 @@ def test_links_cell_to_neuron_card_and_back_to_the_example(browser, demo_page, r
     # keyboard into the entries (one tab stop), Enter goes back to the whole example
     entries.first.focus()
     assert p.locator("#n-card ul[data-kind=top] li[tabindex='0']").count() == 1
+    # and samples across activation ranges, one example per range, lowest range first
+    ranges = p.locator("#n-card ul[data-kind=ranges] li")
+    assert 1 <= ranges.count() <= 5
     p.keyboard.press("ArrowDown")
     label = labels[1]
     p.keyboard.press("Enter")

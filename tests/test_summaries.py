@@ -115,6 +115,13 @@ def test_cards_one_entry_per_example_with_context(summary, run):
                 # the whole window is coloured: one value per token, the neuron's own
                 np.testing.assert_allclose(d["ctx"][e_cols["ctx_off"][i]:e_cols["ctx_off"][i] + n_doc], x[rows, n])
                 assert x[rows[e_cols["pos"][i]], n] == e_cols["value"][i]
+        # samples across activation ranges: the first example whose peak falls in each of 5 equal ranges
+        lo, hi = per_ex_max[:, n].min(), per_ex_max[:, n].max()
+        bins = np.clip(np.floor((per_ex_max[:, n].astype(np.float64) - lo) / (hi - lo) * 5), 0, 4)
+        want = [int(np.flatnonzero(bins == r)[0]) for r in range(5) if (bins == r).any()]
+        sel = np.flatnonzero((e_cols["card"] == c) & (e_cols["kind"] == 2))
+        assert ex_of_doc[e_cols["doc"][sel]].tolist() == want
+        np.testing.assert_allclose(e_cols["value"][sel], per_ex_max[want, n])
         # histogram over every token's value
         counts, _ = np.histogram(x[:, n], bins=nz["bins"], range=(d["hist_lo"][c], d["hist_hi"][c]))
         assert d["hist"][c].sum() == len(x)

@@ -179,6 +179,29 @@ def histograms(acts, cols: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int
     return counts.reshape(len(cols), bins)
 
 
+def range_samples(run: Run, acts, cards: np.ndarray, ranges: int) -> np.ndarray:
+    """sae_vis's samples across activation ranges: for each card, [ranges] examples (-1: none), the
+    first example (lowest index) whose peak, its maximum over its tokens, falls in each of
+    ``ranges`` equal slices of [lowest peak, highest peak] of that neuron."""
+    n_ex = len(run.offsets) - 1
+    out = np.full((len(cards), ranges), -1, np.int64)
+    if not len(cards) or not n_ex:
+        return out
+    peaks = np.empty((n_ex, len(cards)), np.float64)
+    for e in range(n_ex):
+        x = np.asarray(acts.example(e), dtype=np.float64)[..., cards]
+        peaks[e] = np.nanmax(np.atleast_2d(x), axis=0) if np.isfinite(x).any() else np.nan
+    lo, hi = np.nanmin(peaks, axis=0), np.nanmax(peaks, axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    b = np.clip(np.floor((np.nan_to_num(peaks, nan=-np.inf) - lo) / span * ranges), -1, ranges - 1).astype(np.int64)
+    for c in range(len(cards)):
+        for r in range(ranges):
+            hit = np.flatnonzero(b[:, c] == r)
+            if len(hit):
+                out[c, r] = hit[0]
+    return out
+
+
 def contexts(run: Run, acts, cards: np.ndarray, examples: np.ndarray, largest: bool,
              context: int) -> dict[tuple[int, int], dict[str, Any]]:
     """For each card c and each example listed in ``examples[c]`` (-1: none), the token where the
@@ -207,15 +230,18 @@ def contexts(run: Run, acts, cards: np.ndarray, examples: np.ndarray, largest: b
 
 
 def card_entries(run: Run, acts, cards: np.ndarray, top_e: np.ndarray, bot_e: np.ndarray, context: int,
-                 doc: Callable[[int, int, int], int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The examples shown on cards, columnar: for card c, its top (``kind`` 0, from ``top_e[c]``) and
-    bottom (``kind`` 1, ``bot_e[c]``) examples (-1: none), each with ``doc`` (``doc(e, start, end)``
+                 doc: Callable[[int, int, int], int], range_e: np.ndarray | None = None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The examples shown on cards, columnar: for card c, its top (``kind`` 0, from ``top_e[c]``),
+    bottom (``kind`` 1, ``bot_e[c]``) and activation-range samples (``kind`` 2, ``range_e[c]``, at
+    their peak) examples (-1: none), each with ``doc`` (``doc(e, start, end)``
     names the span of tokens shown), ``pos`` (the peak's token in it), ``value`` and ``ctx_off`` into
     the returned context values (one float32 per token of the span, NaN where not captured)."""
     cols: dict[str, list] = {k: [] for k in ("card", "kind", "doc", "pos", "value", "ctx_off")}
     ctx: list[np.ndarray] = []
     n_ctx = 0
-    for kind, (ex, largest) in enumerate(((top_e, True), (bot_e, False))):
+    lists = [(top_e, True), (bot_e, False)] + ([(range_e, True)] if range_e is not None else [])
+    for kind, (ex, largest) in enumerate(lists):
         found = contexts(run, acts, cards, ex, largest, context)
         for (c, _), f in sorted(found.items()):
             d = doc(f["e"], f["start"], f["start"] + len(f["values"]))

@@ -23,6 +23,7 @@ from layerscope.store.reader import Run
 log = logging.getLogger("layerscope.analysis.summaries")
 
 HIST_BINS = 32
+RANGES = 5  # activation ranges a card samples one example from each (sae_vis's "samples across ranges")
 TOKEN_TOP = 3  # neurons listed for a token x layer heatmap cell
 
 
@@ -167,7 +168,7 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
                                "cards": cards, "hist_lo": lo, "hist_hi": hi,
                                "hist": nz.histograms(acts, cards, lo, hi, HIST_BINS)}
         out["entries"], out["ctx"] = nz.card_entries(run, acts, cards, sc.top_e[cards], sc.bot_e[cards], context,
-                                                     texts.doc)
+                                                     texts.doc, nz.range_samples(run, acts, cards, RANGES))
         if unembed is not None and len(cards):
             up, up_v, down, down_v = unembed.logit_effects(L, cards, output_tokens)
             out.update(out_up=texts.token_texts(up), out_up_v=up_v.astype(np.float32),

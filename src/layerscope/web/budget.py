@@ -47,7 +47,7 @@ def lora_tables(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _rank_in_list(e: dict[str, np.ndarray]) -> np.ndarray:
     """Each entry's place in its list (same card and kind; entries are stored best first)."""
-    key = e["card"] * 2 + e["kind"]
+    key = e["card"] * 3 + e["kind"]  # kinds: top, bottom, activation-range samples
     rank = np.zeros(len(key), np.int64)
     seen: dict[int, int] = {}
     for i, k in enumerate(key.tolist()):

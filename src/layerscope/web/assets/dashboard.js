@@ -546,7 +546,8 @@ const drawCard = () => {
   } else card.append(el('p', {class: 'empty'}, notes.output_tokens || 'No output tokens in this page.'));
   // top / bottom activating examples, one entry per example, context coloured token by token
   const scale = Math.max(Math.abs(Ld.max[n]) || 0, Math.abs(Ld.min[n]) || 0);
-  for (const [kind, title] of [[0, 'Top activations (one per example)'], [1, 'Bottom activations (one per example)']]) {
+  for (const [kind, title] of [[0, 'Top activations (one per example)'], [1, 'Bottom activations (one per example)'],
+                               [2, 'Samples across activation ranges (lowest range first; peak of each example)']]) {
     card.append(el('h3', {}, title), entryList(Ld, c, kind, scale, 'layer ' + S.L + ', neuron ' + n, Number(S.L)));
   }
 };
@@ -556,7 +557,7 @@ const drawCard = () => {
 // value at full colour for |value| = scale. One tab stop; Up/Down move between entries, Left/Right
 // between the tokens of one (each value in the status line), Enter opens the whole example.
 const entryList = (T, c, kind, scale, what, layer) => {
-  const ul = el('ul', {class: 'entries', 'data-kind': kind ? 'bottom' : 'top'});
+  const ul = el('ul', {class: 'entries', 'data-kind': ['top', 'bottom', 'ranges'][kind]});
   const list = entriesOf(T, c, kind);
   if (!list.length) ul.append(el('li', {class: 'empty'}, 'none'));
   for (const i of list) {
