@@ -138,14 +138,18 @@ def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: d
 def steering_vector(spec: dict, base_dir: str, run_dir: str, num_layers: int, hidden: int, out: str,
                     info_out: str) -> None:
     """A concept's vector, from its file or the contrast of two splits, with its provenance."""
+    import io
+
     import numpy as np
 
     from layerscope.steering.vectors import make_vector
 
+    from layerscope.fileio import atomic_write_bytes
+
     vec, info = make_vector(spec, base_dir, run_dir, num_layers, hidden)
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, vec, allow_pickle=False)
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    np.save(buf, vec, allow_pickle=False)
+    atomic_write_bytes(out, buf.getvalue())
     write_json(info_out, info)
     log.info("steering vector %s: %s, shape %s", Path(out).stem, info["source"], info["shape"])
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from layerscope.store.reader import Run
+from layerscope.store.reader import Activations, Run
 
 
 def regions(x: np.ndarray, n: int) -> np.ndarray:
@@ -22,21 +22,29 @@ def regions(x: np.ndarray, n: int) -> np.ndarray:
     return sums / np.diff(bounds)
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a - a.mean(), b - b.mean()
     den = np.linalg.norm(a) * np.linalg.norm(b)
     return float(a @ b / den) if den > 0 else 0.0
 
 
-def pairs(normal: Run, steered: Run, layer: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(example, normal rows, steered rows) of resid_post at ``layer``; below the steered run's
-    first block the two runs are the same stream, so the normal rows stand for both."""
+def layer_views(normal: Run, steered: Run, layer: int) -> tuple[Activations, Activations]:
+    """resid_post at ``layer`` of the normal and the steered run; below the steered run's first
+    block the two runs are the same stream, so the normal view stands for both."""
     a = normal.activations(layer, "resid_post")
-    b = steered.activations(layer, "resid_post") if (layer, "resid_post") in steered.arrays else a
+    return a, steered.activations(layer, "resid_post") if (layer, "resid_post") in steered.arrays else a
+
+
+def example_rows(view: Activations, e: int) -> np.ndarray:
+    """Example ``e``'s rows as float64 [rows, width] (one row for a last-position array)."""
+    return np.atleast_2d(np.asarray(view[e], dtype=np.float64))
+
+
+def pairs(normal: Run, steered: Run, layer: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(example, normal rows, steered rows) of resid_post at ``layer``."""
+    a, b = layer_views(normal, steered, layer)
     for i in range(len(a)):
-        x = np.atleast_2d(np.asarray(a[i], dtype=np.float64))
-        y = np.atleast_2d(np.asarray(b[i], dtype=np.float64))
-        yield i, x, y
+        yield i, example_rows(a, i), example_rows(b, i)
 
 
 def summarize(run_dir: str | os.PathLike, target: dict[str, Any], vector: np.ndarray, n_regions: int = 64,
@@ -59,7 +67,7 @@ def summarize(run_dir: str | os.PathLike, target: dict[str, Any], vector: np.nda
             sums["difference"] += d.sum(0)
             norm_sum += float(np.linalg.norm(d, axis=1).sum())
             rows += len(d)
-        out["correlation"][L] = _corr(sums["difference"] / max(rows, 1), v.astype(np.float64))
+        out["correlation"][L] = correlation(sums["difference"] / max(rows, 1), v.astype(np.float64))
         out["intensity"][L] = norm_sum / max(rows, 1)
         for k, s in sums.items():
             out["regions"][k][L] = regions(s / max(rows, 1), n_regions).round(6).tolist()
@@ -86,9 +94,8 @@ def page_data(run_dir: str | os.PathLike, summary: dict[str, Any], examples: int
         norms = np.zeros((3, len(layers), int(normal.examples[e]["n_tokens"])), dtype=np.float32)
         reg = np.zeros((len(layers), n_regions, norms.shape[2]), dtype=np.float32)
         for li, L in enumerate(layers):
-            a = normal.activations(L, "resid_post")
-            b = steered.activations(L, "resid_post") if (L, "resid_post") in steered.arrays else a
-            x, y = np.atleast_2d(np.asarray(a[e], dtype=np.float64)), np.atleast_2d(np.asarray(b[e], dtype=np.float64))
+            a, b = layer_views(normal, steered, L)
+            x, y = example_rows(a, e), example_rows(b, e)
             if len(x) != norms.shape[2]:  # last-position arrays: one row, shown at the last token
                 norms, reg = norms[:, :, -1:], reg[:, :, -1:]
             d = y - x

@@ -87,12 +87,10 @@ class _Handles:
             h.remove()
 
 
-def _layer_mlp_hook(layer_module: nn.Module, down: nn.Module, site: str, sink: Callable[[torch.Tensor], None]):
-    """Hook an MLP down projection that sits on the decoder layer (OPT's ``fc2``).
-
-    OPT runs its MLP on the tokens flattened to [batch * seq, width]; the layer's own input
-    gives back the [batch, seq] shape that ``sink`` expects.
-    """
+def _unflattener(layer_module: nn.Module):
+    """A pre-hook on the decoder layer that remembers its input's [batch, seq] shape, and a function
+    that gives a module's output back that shape where the module ran on flattened tokens
+    [batch * seq, width] (OPT's MLP). Returns (hook handle, function)."""
     shape: list[torch.Size] = []
 
     def remember(m, args, kwargs):
@@ -102,7 +100,13 @@ def _layer_mlp_hook(layer_module: nn.Module, down: nn.Module, site: str, sink: C
     def unflatten(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(*shape[0], x.shape[-1]) if x.dim() == 2 else x
 
-    pre = layer_module.register_forward_pre_hook(remember, with_kwargs=True)
+    return layer_module.register_forward_pre_hook(remember, with_kwargs=True), unflatten
+
+
+def _layer_mlp_hook(layer_module: nn.Module, down: nn.Module, site: str, sink: Callable[[torch.Tensor], None]):
+    """Hook an MLP down projection that sits on the decoder layer (OPT's ``fc2``), which runs on
+    the tokens flattened to [batch * seq, width]."""
+    pre, unflatten = _unflattener(layer_module)
     if site == "mlp_out":
         h = down.register_forward_hook(lambda m, a, o: sink(unflatten(o)))
     else:
@@ -127,21 +131,12 @@ def _lora_hook(layer_module: nn.Module, layer: int, site: str, sink: Callable[[t
     name = names[0]
     if getattr(mod, "use_dora", {}).get(name):
         raise ModelError(f"layer {layer}: {path} is a DoRA module; its added output is not scaling * B(A(x))")
-    shape: list[torch.Size] = []
-
-    def remember(m, args, kwargs):  # a module fed flat tokens (OPT's fc2) gets its [batch, seq] back
-        x = args[0] if args else kwargs["hidden_states"]
-        shape[:] = [x.shape[:-1]]
-
-    def give(x: torch.Tensor) -> None:
-        sink(x.reshape(*shape[0], x.shape[-1]) if x.dim() == 2 else x)
-
-    pre = layer_module.register_forward_pre_hook(remember, with_kwargs=True)
+    pre, unflatten = _unflattener(layer_module)
     if kind == "lora_a":
-        h = mod.lora_A[name].register_forward_hook(lambda m, a, o: give(o))
+        h = mod.lora_A[name].register_forward_hook(lambda m, a, o: sink(unflatten(o)))
     else:
         scaling = mod.scaling[name]
-        h = mod.lora_B[name].register_forward_hook(lambda m, a, o: give(o * scaling))
+        h = mod.lora_B[name].register_forward_hook(lambda m, a, o: sink(unflatten(o * scaling)))
     return _Handles(pre, h)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from layerscope.analysis.steering import _corr, regions
+from layerscope.analysis.steering import correlation, example_rows, layer_views, regions
 from layerscope.errors import LayerScopeError
 from layerscope.fileio import read_json
 from layerscope.interop.common import check_out, staged_dir
@@ -52,8 +52,7 @@ def export_steering(run_dir: str | os.PathLike, target: str, out: str | os.PathL
     decoder = load_decoder(read_json(run.path / "model" / "manifest.json"))
     dest = check_out(run, Path(out), force)
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    views = {L: (run.activations(L, "resid_post"),
-                 steered.activations(L, "resid_post") if (L, "resid_post") in steered.arrays else None) for L in layers}
+    views = {L: layer_views(run, steered, L) for L in layers}
     with staged_dir(dest) as tmp:
         for e in examples if examples is not None else range(len(run)):
             ex = run.examples[e]
@@ -69,13 +68,12 @@ def export_steering(run_dir: str | os.PathLike, target: str, out: str | os.PathL
                 "tokens": token_texts(decoder, run.tokens(e).tolist()), "layer_correlations": {}}
             intensity = {}
             for L, (a, b) in views.items():
-                x = np.asarray(a[e], dtype=np.float64)
-                y = x if b is None else np.asarray(b[e], dtype=np.float64)  # below the steered blocks: the same
+                x, y = example_rows(a, e), example_rows(b, e)
                 d = y - x
                 for key, arr in (("normal", x), ("steered", y), ("difference", d)):
                     doc[f"{key}_activations"][str(L)] = regions(arr.mean(0), n_regions).round(6).tolist()
                 doc["token_difference_activations"][str(L)] = regions(d, n_regions).round(6).tolist()
-                doc["layer_correlations"][str(L)] = round(_corr(d.mean(0), v), 6)
+                doc["layer_correlations"][str(L)] = round(correlation(d.mean(0), v), 6)
                 intensity[L] = float(np.linalg.norm(d, axis=1).mean())
             doc["peak_activation_layer"] = max(intensity, key=intensity.get)
             doc["total_intensity"] = round(sum(intensity.values()), 6)
