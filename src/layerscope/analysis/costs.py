@@ -160,7 +160,7 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32", de
     cap, store = plan.config["capture"], plan.config["store"]
     itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
-    h, inter = plan.dims.hidden_size, plan.dims.intermediate_size
+    h = plan.dims.hidden_size
     arrays, sites = [], {}
     for b in plan.blocks:
         for layer, site, pos in plan.captures(b):
