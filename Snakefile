@@ -26,6 +26,7 @@ include: "workflow/rules/store.smk"
 include: "workflow/rules/metadata.smk"
 include: "workflow/rules/dashboard.smk"
 include: "workflow/rules/steering.smk"
+include: "workflow/rules/passes.smk"
 
 
 rule all:
@@ -35,4 +36,5 @@ rule all:
         missing_markers,
         missing_boundaries,
         steering_summaries,
+        pass_targets,
     default_target: True

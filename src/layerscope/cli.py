@@ -54,8 +54,9 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
         from layerscope.fileio import read_json
         from layerscope.models.loading import load_tokenizer
         from layerscope.data.tokens import token_texts
+        from layerscope.store.reader import model_dir
 
-        tok = load_tokenizer(read_json(run.path / "model" / "manifest.json"))
+        tok = load_tokenizer(read_json(model_dir(run.path) / "manifest.json"))
         for ex in run.examples[:show_examples]:
             ids = run.tokens(ex["index"])
             pieces = token_texts(tok, ids)
@@ -77,7 +78,7 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
 
     import yaml
 
-    from layerscope.config import build_plan
+    from layerscope.config import build_plan, with_location
     from layerscope.analysis.costs import estimate, plan_offsets
     from layerscope.errors import ConfigError
     from layerscope.models.loading import resolve_device, resolve_dtype
@@ -92,7 +93,10 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
         cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"plan: cannot read config file {cfg_path}: {e.strerror}") from e
-    plan = build_plan(cfg, schema, base)
+    try:
+        plan = build_plan(cfg, schema, base)
+    except ConfigError as e:
+        raise ConfigError(with_location(str(e), [cfg_path])) from e
     device = resolve_device(plan.config["capture"]["device"])
     dtype = str(resolve_dtype(plan.config["model"]["dtype"], device)).removeprefix("torch.")
     est = estimate(plan, plan_offsets(plan, base / "results" / plan.config["run"]), dtype,

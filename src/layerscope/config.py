@@ -135,6 +135,13 @@ class Plan:
     lora: dict[int, dict[str, list[int]]] | None = None  # the adapter's modules, where LoRA sites need them
     steering: list[Target] = field(default_factory=list)
     adapters: dict[str, ModelRef] = field(default_factory=dict)  # more adapters: variants beside the main one
+    passes: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompted passes, resolved (passes/prompts.py)
+
+    def pass_captures(self, block: Block, name: str) -> list[tuple[int, str, str]]:
+        """(layer, site, positions) of every array a block's job writes into a pass's store: the
+        run's, at the pass's own positions where it names them."""
+        pos = self.passes[name].get("positions")
+        return [(L, s, pos or p) for L, s, p in self.captures(block)]
 
     def target(self, name: str) -> Target:
         return next(t for t in self.steering if t.name == name)
@@ -207,6 +214,7 @@ class Plan:
             del cfg["capture"][key]
         del cfg["dashboard"]
         del cfg["steering"]  # steered runs record their own provenance; they change nothing of the normal run
+        del cfg["task"], cfg["passes"]  # passes have their own stores and metadata
         cfg["adapters"] = {n: a for n, a in cfg["adapters"].items() if n in self.adapters}  # unused ones change nothing
         if self.lora is None:  # without LoRA sites the module choice changes nothing
             del cfg["capture"]["lora_modules"]
@@ -216,6 +224,16 @@ class Plan:
             if ref is not None:  # a revision means something only on the hub, a seed only for built-ins
                 cfg[key] = {k: v for k, v in cfg[key].items() if not (k == "revision" and ref.kind != "hub"
                                                                        or k == "seed" and ref.kind != "builtin")}
+        return cfg
+
+    def pass_config(self, name: str) -> dict[str, Any]:
+        """What a pass's ``run_config.json`` records: the run's recorded config with the task and
+        the pass in place of the data set."""
+        cfg = self.recorded_config()
+        task, spec = self.config["task"], self.passes[name]
+        cfg["dataset"] = {"name": f"{Path(task['path']).stem}.{name}", "path": task["path"],
+                          "max_length": task["max_length"] + spec["generate"]["max_new_tokens"]}
+        cfg["task"], cfg["pass"] = task, spec
         return cfg
 
     def capture_settings(self) -> dict[str, Any]:
@@ -331,12 +349,84 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     cfg = json.loads(dumps_stable(cfg))
     settings = {L: json.loads(dumps_stable(v)) for L, v in settings.items()}
     steer = targets(cfg["steering"], dims.num_layers, base, {L: v["sites"] for L, v in settings.items()})
+    passes = plan_passes(cfg, base, raw, model.label)
+    if passes and len(cfg["capture"]["variants"]) > 1:
+        raise ConfigError("config error: passes: prompted passes capture one model; capture.variants lists "
+                          f"{', '.join(cfg['capture']['variants'])}: run each model as its own run and compare them "
+                          "with `python -m layerscope inspect RUN --pass NAME --compare-with OTHER_RUN`")
     for t in steer:
         if t.layer > max(layers):
             raise ConfigError(f"config error: steering.runs: {t.name} steers layer {t.layer}, above every captured "
                               f"layer (the highest is {max(layers)}): nothing would show its effect")
     return Plan(cfg, base, model, adapter, dims, layers, settings, lora, steer,
-                {n: r for n, r in extra_refs.items() if n in cfg["capture"]["variants"]})
+                {n: r for n, r in extra_refs.items() if n in cfg["capture"]["variants"]}, passes)
+
+
+def plan_passes(cfg: dict[str, Any], base: Path, raw: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
+    """Resolve the prompted passes (built-in defaults, templates checked) and the task they read."""
+    from layerscope.passes.prompts import resolve_pass
+
+    if not cfg["passes"]:
+        return {}
+    task = cfg["task"]
+    if task is None:
+        raise ConfigError("config error: passes: the passes need questions; set task.path (a JSONL or CSV file of "
+                          "question, options, answer records)")
+    data = Path(task["path"])
+    data = data if data.is_absolute() else base / data
+    if not data.is_file():
+        raise ConfigError(f"config error: task.path: file {data} does not exist")
+    task["path"] = str(data.relative_to(base)) if data.is_relative_to(base) else str(data)
+    if task["format"] == "auto":
+        if data.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv"):
+            raise ConfigError(f"config error: task.format: cannot tell the format of {data.name} from its suffix; "
+                              "set task.format to jsonl or csv")
+        task["format"] = "csv" if data.suffix.lower() == ".csv" else "jsonl"
+    max_pos = raw.get("max_position_embeddings") or raw.get("n_positions") or raw.get("n_ctx")
+    out = {}
+    for name, spec in cfg["passes"].items():
+        p = resolve_pass(name, spec or {})
+        p.setdefault("generate", {"max_new_tokens": 0, "temperature": 0.0, "top_p": 1.0, "seed": 0})
+        total = task["max_length"] + p["generate"]["max_new_tokens"]
+        if isinstance(max_pos, int) and total > max_pos:
+            raise ConfigError(f"config error: passes.{name}.generate.max_new_tokens: task.max_length "
+                              f"{task['max_length']} + {p['generate']['max_new_tokens']} new tokens is more than the "
+                              f"{max_pos} positions {model} was built for")
+        out[name] = json.loads(dumps_stable(p))  # key order must not re-run anything
+    return out
+
+
+def locate(files: list[str | os.PathLike], key: str) -> str | None:
+    """``FILE:LINE`` where the last of the YAML ``files`` that sets ``key`` (``a.b[0].c``) sets it, or
+    where it sets the nearest enclosing key; None where no file sets any of it."""
+    parts = [int(x) if x.isdigit() else x for x in re.findall(r"[^.\[\]]+", key)]
+    found = None
+    for f in files:
+        try:
+            node = yaml.compose(Path(f).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        where = None
+        for part in parts:
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                child = next(((k, v) for k, v in node.value if k.value == part or k.value == str(part)), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                child = (node.value[part], node.value[part])
+            if child is None:
+                break
+            where = child[0].start_mark
+            node = child[1]
+        if where is not None:
+            found = f"{f}:{where.line + 1}"
+    return found
+
+
+def with_location(message: str, files: list[str | os.PathLike]) -> str:
+    """A ``config error: KEY: ...`` message prefixed with the FILE:LINE that sets KEY, where one does."""
+    m = re.match(r"config error: ([A-Za-z0-9_.\-\[\]]+):", message)
+    where = locate(files, m.group(1)) if m else None
+    return f"{where}: {message}" if where else message
 
 
 SITE_NAME = re.compile(r"^(resid_post|attn_out|mlp_out|mlp_act|lora_a|lora_delta|lora_(a|delta)(\.[A-Za-z0-9_]+)+)$")

@@ -92,6 +92,36 @@ def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_cod
                    add_generation_prompt=dataset.get("add_generation_prompt", False))
 
 
+def prepare_pass(manifest: str, task: dict, spec: dict, out_dir: str, trust_remote_code: bool = False) -> dict:
+    """Render and tokenize the task's questions for one prompted pass (passes/prompts.py)."""
+    from layerscope.models.loading import load_tokenizer
+    from layerscope.passes.prompts import prepare_pass as _prepare
+
+    return _prepare(task, spec, load_tokenizer(load_manifest(manifest), trust_remote_code), out_dir)
+
+
+def answer_pass(manifest: str, adapter: str, prompts_dir: str, out_dir: str, answers_out: str, spec: dict,
+                batch_size: int, device: str, dtype: str, trust_remote_code: bool) -> None:
+    """A pass's answers (and replies) per question, and its data set for capture (passes/answers.py)."""
+    from layerscope.capture.gpus import assign
+
+    device = assign(device)
+    from layerscope.passes.answers import answer_pass as _answer
+
+    _answer(load_manifest(manifest, adapter), prompts_dir, out_dir, answers_out, spec, batch_size, device, dtype,
+            trust_remote_code)
+
+
+def pass_metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, answers: str,
+                  metadata_out: str, run_metadata_out: str, run_config_out: str) -> None:
+    """A pass's per-question ``metadata.json`` (seed 004's list), once its store is finished, and
+    the run-level metadata of its store beside it."""
+    from layerscope.data.metadata import write_metadata
+
+    write_metadata(config, load_manifest(manifest, adapter), examples, store, run_metadata_out, run_config_out)
+    write_json(metadata_out, read_json(answers))
+
+
 def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: dict, part: int, markers: list[str],
             device: str, group: str, threads: int, boundary_in: str | None = None,
             boundary_out: str | None = None, variant_boundaries: dict | None = None, steer: dict | None = None,

@@ -8,7 +8,7 @@ from snakemake.resources import Resources
 
 try:
     from layerscope.capture.chain import boundary_path
-    from layerscope.config import build_plan
+    from layerscope.config import build_plan, with_location
     from layerscope.errors import LayerScopeError
     from layerscope.store.layout import marker_path
 except ImportError as e:
@@ -23,8 +23,11 @@ try:
         base_dir=os.getcwd(),
     )
 except LayerScopeError as e:
-    # One message naming the key and the problem, before any job runs.
-    raise WorkflowError(str(e))
+    # One message naming the key, where it is set and the problem, before any job runs.
+    CONFIG_FILES = [str(f) for f in workflow.overwrite_configfiles] or [
+        os.path.join(workflow.basedir, "config/config.yaml")
+    ]
+    raise WorkflowError(with_location(str(e), CONFIG_FILES))
 
 config = PLAN.config
 RUN = config["run"]
@@ -66,9 +69,14 @@ def capture_outputs(block):
     out = {f"m{i}": m for i, m in enumerate(markers)}
     if block.writes_boundary:
         for v in PLAN.variants:
-            b = str(boundary_path(RESULTS, block.end + 1, "{part}", variant_suffix(v)))
-            out[boundary_key(v)] = temp(b) if config["capture"]["boundaries"] == "temp" else b
+            out[boundary_key(v)] = boundary_output(RESULTS, block, variant_suffix(v))
     return out
+
+
+def boundary_output(results, block, variant=""):
+    """The boundary a block hands on, temporary where capture.boundaries says so."""
+    b = str(boundary_path(results, block.end + 1, "{part}", variant))
+    return temp(b) if config["capture"]["boundaries"] == "temp" else b
 
 
 def capture_inputs(block):
@@ -107,7 +115,8 @@ def missing_markers(wildcards):
     """Markers not on disk. Snakemake does not re-create a missing intermediate file when what
     depends on it is up to date; asking for exactly these makes a deleted array re-run its job
     (and keeps the listing of `all` short when nothing is missing)."""
-    return [m for v in PLAN.variants for m in markers_of(v) if not os.path.exists(m)]
+    every = [m for v in PLAN.variants for m in markers_of(v)] + [m for n in PLAN.passes for m in pass_markers(n)]
+    return [m for m in every if not os.path.exists(m)]
 
 
 def variant_pattern():
@@ -194,8 +203,7 @@ def steer_outputs(block):
         for i, (L, s, pos) in enumerate(PLAN.captures(block))
     }
     if block.writes_boundary:
-        b = str(boundary_path(RESULTS, block.end + 1, "{part}", "steer-{target}"))
-        out["boundary"] = temp(b) if config["capture"]["boundaries"] == "temp" else b
+        out["boundary"] = boundary_output(RESULTS, block, "steer-{target}")
     return out
 
 
@@ -240,3 +248,56 @@ def steering_summaries(wildcards=None):
     if config["steering"]["generate"]["examples"]:
         out += [f"{RESULTS}/steering/{t.name}/generations.jsonl" for t in PLAN.steering]
     return out
+
+
+def pass_dir(name):
+    """A prompted pass's directory: a run of its own inside the run (results/{run}/{pass})."""
+    return f"{RESULTS}/{name}"
+
+
+def pass_store(name):
+    return f"{pass_dir(name)}/activations.zarr"
+
+
+def pass_capture_outputs(name, block):
+    """A pass's capture job: its markers in the pass's store, and the boundary it hands on."""
+    out = {
+        f"m{i}": str(marker_path(pass_store(name), L, s, "{part}", pos))
+        for i, (L, s, pos) in enumerate(PLAN.pass_captures(block, name))
+    }
+    if block.writes_boundary:
+        out["boundary"] = boundary_output(pass_dir(name), block)
+    return out
+
+
+def pass_capture_inputs(name, block):
+    d = f"{pass_dir(name)}/dataset"
+    inputs = {
+        "manifest": MANIFEST,
+        "adapter": ADAPTER,
+        "settings": SETTINGS,
+        "ids": f"{d}/token_ids.npy",
+        "offsets": f"{d}/offsets.npy",
+        "answer_index": f"{d}/answer_index.npy",
+    }
+    if block.reads_boundary:  # ancient: see capture_inputs
+        inputs["boundary"] = ancient(str(boundary_path(pass_dir(name), block.start, "{part}")))
+    return inputs
+
+
+def pass_markers(name):
+    return [
+        str(marker_path(pass_store(name), L, s, p, pos))
+        for b in PLAN.blocks
+        for L, s, pos in PLAN.pass_captures(b, name)
+        for p in range(PLAN.parts)
+    ]
+
+
+def pass_targets(wildcards=None):
+    """Every pass's per-question metadata.json (written once its store is finished)."""
+    return [f"{pass_dir(n)}/metadata.json" for n in PLAN.passes]
+
+
+def pass_pattern():
+    return "|".join(re.escape(n) for n in PLAN.passes) or "(?!)"

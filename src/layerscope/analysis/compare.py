@@ -178,7 +178,7 @@ def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, posi
             raise LayerScopeError(f"layer_{layer:02d}/{site} is {va.width} wide in {a.path} and {vb.width} in "
                                   f"{b.path}: not the same model shape")
         if positions == "all":
-            lasts = [str(r.path) for r, v in ((a, va), (b, vb)) if v.positions == "last"]
+            lasts = [str(r.path) for r, v in ((a, va), (b, vb)) if v.positions != "all"]
             if lasts:
                 raise LayerScopeError(f"layer_{layer:02d}/{site} holds the last position only in {', '.join(lasts)}; "
                                       "compare it with --positions last, or leave it out (--layers/--sites)")

@@ -128,9 +128,9 @@ def job_memory(plan: Plan, offsets: np.ndarray, compute_bytes: int, weights: dic
         staging = chunks = 0
         for layer, site, pos in plan.captures(b):
             width = plan.widths.site(layer, site)
-            lay = make_layout(n_ex if pos == "last" else n_tok, width, itemsize, cap["parts"], store["chunk_mib"],
+            lay = make_layout(n_ex if pos != "all" else n_tok, width, itemsize, cap["parts"], store["chunk_mib"],
                               store["shard_mib"])
-            rows = min(cap["length_window"] * bs, n_ex) if pos == "last" else window
+            rows = min(cap["length_window"] * bs, n_ex) if pos != "all" else window
             staging += rows * width * itemsize
             chunks += 4 * lay.chunk_rows * width * itemsize  # one being filled, one being written, a queue
         boundary = 2 * bs * longest * h * compute_bytes if b.reads_boundary or b.writes_boundary else 0
@@ -164,7 +164,7 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32", de
     arrays, sites = [], {}
     for b in plan.blocks:
         for layer, site, pos in plan.captures(b):
-            rows = n_ex if pos == "last" else n_tok
+            rows = n_ex if pos != "all" else n_tok
             width = plan.widths.site(layer, site)
             lay = make_layout(rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
             nbytes = rows * width * itemsize

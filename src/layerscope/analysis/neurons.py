@@ -51,7 +51,7 @@ class Scan:
 
 def _row_examples(run: Run, positions: str, r0: int, r1: int) -> np.ndarray:
     rows = np.arange(r0, r1)
-    return rows if positions == "last" else np.searchsorted(run.offsets, rows, side="right") - 1
+    return rows if positions != "all" else np.searchsorted(run.offsets, rows, side="right") - 1
 
 
 def _merge_best(best_v: np.ndarray | None, best_e: np.ndarray | None, v: np.ndarray, e: np.ndarray,
@@ -79,7 +79,7 @@ def scan(run: Run, acts, k: int) -> Scan:
     """One pass over ``acts`` (a whole-run Activations view): see the module docstring."""
     width = acts.width
     splits = list(run.splits.values())
-    bounds = [(a, b) if acts.positions == "last" else (int(run.offsets[a]), int(run.offsets[b])) for a, b in splits]
+    bounds = [(a, b) if acts.positions != "all" else (int(run.offsets[a]), int(run.offsets[b])) for a, b in splits]
     s1 = np.zeros((len(splits), width)); s2 = np.zeros(width); cnt = np.zeros((len(splits), width))
     mx = np.full(width, -np.inf, np.float32); mn = np.full(width, np.inf, np.float32)
     top = bot = (None, None)
@@ -106,7 +106,7 @@ def scan(run: Run, acts, k: int) -> Scan:
         ex = _row_examples(run, acts.positions, r0, r1)
         starts = np.flatnonzero(np.diff(ex, prepend=-1))
         seg_e = ex[starts]
-        if acts.positions == "last":
+        if acts.positions != "all":
             hi_v = lo_v = x
         else:
             # one reduction per example slice: ~15x faster than ufunc.reduceat along axis 0
@@ -218,7 +218,7 @@ def contexts(run: Run, acts, cards: np.ndarray, examples: np.ndarray, largest: b
         n_tok = int(run.offsets[e + 1] - run.offsets[e])
         for c, j in uses:
             col = np.asarray(x[..., cards[c]], dtype=np.float32)
-            if acts.positions == "last":
+            if acts.positions != "all":
                 pos, series = n_tok - 1, np.full(n_tok, np.nan, np.float32)
                 series[pos] = col
             else:

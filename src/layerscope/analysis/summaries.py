@@ -158,7 +158,7 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
     for L in tqdm([L for L, s in run.arrays if s == site], desc=f"neurons {site}", unit="layer", mininterval=1.0):
         acts = run.activations(L, site)
         sc = nz.scan(run, acts, top_k)
-        tok_counts = counts if acts.positions == "last" else np.array(
+        tok_counts = counts if acts.positions != "all" else np.array(
             [run.offsets[b] - run.offsets[a] for a, b in run.splits.values()])
         best, sel = sc.selectivity(tok_counts)
         cards = nz.pick_cards(sc, sel, neurons_per_layer)

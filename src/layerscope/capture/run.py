@@ -32,7 +32,7 @@ from layerscope.capture.journal import Journal, progress_dir
 from layerscope.capture.partial import load_block, weight_bytes
 from layerscope.capture.router import ArrayJob, BufferPool, Router
 from layerscope.config import Block, dumps_stable
-from layerscope.data.dataset import load_tokens
+from layerscope.data.dataset import load_answer_index, load_tokens
 from layerscope.errors import ModelError
 from layerscope.models.adapters import LORA_SITES, split_site
 from layerscope.models.architectures import Widths
@@ -72,7 +72,7 @@ def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], wi
     itemsize = STORAGE_DTYPES[params["dtype"]].itemsize
     jobs = []
     for layer, site, pos in captures:
-        rows = n_examples if pos == "last" else n_tokens
+        rows = n_examples if pos != "all" else n_tokens
         width = widths.site(layer, site)
         lay = make_layout(rows, width, itemsize, params["parts"], st["chunk_mib"], st["shard_mib"])
         r0, r1 = lay.part_range(part)
@@ -100,7 +100,7 @@ def first_window(windows: list[Window], jobs: list[ArrayJob], offsets: np.ndarra
     k = len(windows) if boundary_windows is None else boundary_windows
     for j in jobs:
         if j.start < j.r1:
-            e = j.start if j.positions == "last" else int(np.searchsorted(offsets, j.start, side="right")) - 1
+            e = j.start if j.positions != "all" else int(np.searchsorted(offsets, j.start, side="right")) - 1
             k = min(k, next(i for i, w in enumerate(windows) if w.e1 > e))
     return k
 
@@ -141,6 +141,7 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
         raise ModelError(f"capture: layers {start}..{end} are out of range for model {m['id']} with "
                          f"{m['num_layers']} layers; re-plan the workflow")
     token_ids, offsets = load_tokens(dataset_dir)
+    answer_index = load_answer_index(dataset_dir, offsets)
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     widths = Widths.of(manifest)
     main = main_variant(manifest) if steer is None else f"steer-{steer['name']}"
@@ -170,7 +171,7 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
         resume_arrays(jobs, journal, part)
     for v in vs:
         for j in v.jobs:
-            dims = ("example" if j.positions == "last" else "token", "neuron" if j.site == "mlp_act" else "hidden")
+            dims = ("example" if j.positions != "all" else "token", "neuron" if j.site == "mlp_act" else "hidden")
             attrs = {"layer": j.layer, "site": j.site, "positions": j.positions, "parts": params["parts"],
                      "variant": v.name}
             prepare_array(v.root, j.layer, j.site, part, j.layout, array_metadata(j.layout, params["dtype"],
@@ -182,8 +183,8 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
              boundary_out or "(none)")
     shared = JobStats()
     stats: dict[str, Any] = {"examples": [list(sp) for sp in spans], "tokens": vs[0].chain.tokens}
-    stats["resumed"] = _capture_examples(manifest, params, device, vs, token_ids, offsets, part, group, journal,
-                                         shared, loaded, steer)
+    stats["resumed"] = _capture_examples(manifest, params, device, vs, token_ids, offsets, answer_index, part, group,
+                                         journal, shared, loaded, steer)
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["weight_mib"] = round(shared.weight_bytes / 2**20, 1)
@@ -266,7 +267,7 @@ def fingerprint(manifest: dict[str, Any], params: dict[str, Any]) -> str:
     return hashlib.sha256(dumps_stable({"files": files, "params": rest}).encode()).hexdigest()[:16]
 
 
-def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, offsets, part, group,
+def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, offsets, answer_index, part, group,
                       journal: Journal, shared: JobStats, loaded=None, steer=None) -> dict[str, int] | None:
     """Run the batches; returns what a resumed attempt kept (None when it started afresh)."""
     dev = resolve_device(device)
@@ -316,8 +317,8 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
         if batch["variant"] is not v:
             return
         router = v.chain.routers[i]
-        if v.jobs[i].positions == "last":
-            rows = x[batch["rows"], batch["last"]]
+        if v.jobs[i].positions != "all":  # one row per example: its last token, or its answer position
+            rows = x[batch["rows"], batch[v.jobs[i].positions]]
             for (e0, k0, _, _), k1 in zip(batch["runs"], batch["k_ends"]):
                 router.add(e0, rows[k0:k1])
         else:
@@ -395,8 +396,8 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
                                           initial=skipped, total=n_batches) as bar:
             for k in range(k0, len(windows)):
                 for examples in windows[k].batches:
-                    inputs = _prepare_batch(examples, windows[k].span, first, batch, token_ids, offsets, pad_id,
-                                            left, dev, tdtype, embed_dim)
+                    inputs = _prepare_batch(examples, windows[k].span, first, batch, token_ids, offsets,
+                                            answer_index, pad_id, left, dev, tdtype, embed_dim)
                     for v, switch in passes:
                         batch["variant"] = v
                         if v.chain.input is not None:
@@ -446,7 +447,7 @@ def _active_adapter(model, name: str):
 
 
 def _prepare_batch(examples: np.ndarray, span: int, chain: Chain, batch: dict[str, Any], token_ids: np.ndarray,
-                   offsets: np.ndarray, pad_id: int, left: bool, dev: str, tdtype: torch.dtype,
+                   offsets: np.ndarray, answer_index: np.ndarray, pad_id: int, left: bool, dev: str, tdtype: torch.dtype,
                    embed_dim: int) -> dict[str, torch.Tensor]:
     """Tokens, mask and positions of one batch (shared by its variants' passes), and where the
     hooks put its rows (``batch``); returns the model's inputs."""
@@ -454,12 +455,14 @@ def _prepare_batch(examples: np.ndarray, span: int, chain: Chain, batch: dict[st
     mask_t = torch.from_numpy(mask).to(dev, non_blocking=True)
     padded = bool((lens != ids.shape[1]).any())
     last = np.full(len(lens), ids.shape[1] - 1) if left else lens - 1
+    answer = last - (lens - 1) + answer_index[examples]  # the answer's index within the example, padded like it
     rs = runs(examples, offsets)
     # where each run's rows go in a boundary, which holds the span's tokens one after another
     brows = [chain.span_row[span] + int(offsets[e0] - offsets[span]) for e0, _, _, _ in rs]
     batch.update(runs=rs, brows=brows, k_ends=[k for _, k, _, _ in rs[1:]] + [len(examples)], mask=mask_t,
                  pos=(mask_t.cumsum(-1) - 1).clamp(min=0), mask_np=mask, sel=mask_t.bool() if padded else None,
-                 rows=torch.arange(len(examples), device=dev), last=torch.from_numpy(last).to(dev))
+                 rows=torch.arange(len(examples), device=dev), last=torch.from_numpy(last).to(dev),
+                 answer=torch.from_numpy(answer).to(dev))
     if chain.input is None:
         return {"input_ids": torch.from_numpy(ids).to(dev, non_blocking=True)}
     # Only the shape, dtype and device of the embeddings matter below the block.

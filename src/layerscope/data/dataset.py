@@ -195,16 +195,35 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
         ex["n_tokens"] = len(ids)
         ex["char_length"] = len(example_text(ex))
         ids_list.append(np.asarray(ids, dtype=np.int64))
+    offsets = write_tokenized(out, examples, ids_list, path)
+    splits = {s: {"examples": 0, "tokens": 0} for s in split_order}
+    for ex in examples:
+        splits[ex["split"]]["examples"] += 1
+        splits[ex["split"]]["tokens"] += ex["n_tokens"]
+    n_trunc = sum(ex["truncated"] for ex in examples)
+    log.info("prepared %d examples, %d tokens, splits %s, %d truncated to %d tokens",
+             len(examples), int(offsets[-1]), splits, n_trunc, max_length)
+    return {"examples": len(examples), "tokens": int(offsets[-1]), "splits": splits, "truncated": n_trunc}
+
+
+def write_tokenized(out_dir: str | os.PathLike, examples: list[dict[str, Any]], ids_list: list[np.ndarray],
+                    source: str | os.PathLike, answer_index: np.ndarray | None = None) -> np.ndarray:
+    """Write a tokenized data set (examples in store order, with their ids) into ``out_dir``; return the offsets.
+
+    ``answer_index``: per example, the position whose logits give its answer (prompted passes);
+    without it, the last token is."""
     lengths = np.array([len(x) for x in ids_list], dtype=np.int64)
     offsets = np.zeros(len(ids_list) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(ids_list)
     if flat.max() >= 2**31:
-        raise DataError(f"{path}: token id {int(flat.max())} does not fit int32")
+        raise DataError(f"{source}: token id {int(flat.max())} does not fit int32")
     for i, ex in enumerate(examples):
         ex["index"] = i
-
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if answer_index is not None:
+        _save_npy(out / "answer_index.npy", np.asarray(answer_index, dtype=np.int64))
     _save_npy(out / "token_ids.npy", flat.astype(np.int32))
     _save_npy(out / "offsets.npy", offsets)
     lines = []
@@ -215,14 +234,16 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
         rest = {k: v for k, v in ex.items() if k not in head}
         lines.append(json.dumps({**head, **rest}, ensure_ascii=False))
     atomic_write_text(out / "examples.jsonl", "\n".join(lines) + "\n")
-    splits = {s: {"examples": 0, "tokens": 0} for s in split_order}
-    for ex in examples:
-        splits[ex["split"]]["examples"] += 1
-        splits[ex["split"]]["tokens"] += ex["n_tokens"]
-    n_trunc = sum(ex["truncated"] for ex in examples)
-    log.info("prepared %d examples, %d tokens, splits %s, %d truncated to %d tokens",
-             len(examples), int(offsets[-1]), splits, n_trunc, max_length)
-    return {"examples": len(examples), "tokens": int(offsets[-1]), "splits": splits, "truncated": n_trunc}
+    return offsets
+
+
+def load_answer_index(dataset_dir: str | os.PathLike, offsets: np.ndarray) -> np.ndarray:
+    """Per example, the index of its answer position within it: ``answer_index.npy`` where a
+    prompted pass wrote one, else the last token."""
+    path = Path(dataset_dir) / "answer_index.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    return np.diff(offsets) - 1
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

@@ -136,7 +136,7 @@ def out_dtype(view: Activations) -> np.dtype:
 
 def last_rows(view: Activations, offsets: np.ndarray, a: int, b: int) -> np.ndarray:
     """Examples [a, b) of the view at their last token, from a ``last`` or an ``all`` array."""
-    if view.positions == "last":
+    if view.positions != "all":
         return view.rows(a, b)
     base = offsets[view.e0]
     return view.take(offsets[view.e0 + a + 1:view.e0 + b + 1] - 1 - base)

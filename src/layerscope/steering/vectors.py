@@ -37,7 +37,7 @@ def contrastive(run_dir: str | os.PathLike, layer: int, split_a: str, split_b: s
             raise DataError(f"{run.path}: no split {split!r} for the contrastive vector (splits: "
                             f"{', '.join(run.splits)}); set steering.vectors.*.contrast.split_a / split_b")
         acts = run.activations(layer, "resid_post", split)
-        last_only = run.metadata["arrays"][f"layer_{run.layer_index(layer):02d}/resid_post"]["positions"] == "last"
+        last_only = run.metadata["arrays"][f"layer_{run.layer_index(layer):02d}/resid_post"]["positions"] != "all"
         if reduce == "mean" and last_only:
             raise DataError(f"{run.path}: layer {layer} resid_post holds last positions only; contrast.reduce: mean "
                             "needs capture.positions: all")

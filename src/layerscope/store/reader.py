@@ -107,7 +107,7 @@ class Activations:
     @property
     def row_range(self) -> tuple[int, int]:
         """The rows of the underlying array this view covers."""
-        if self.positions == "last":
+        if self.positions != "all":
             return self.e0, self.e1
         return int(self._off[self.e0]), int(self._off[self.e1])
 
@@ -157,7 +157,7 @@ class Activations:
         if not -n <= i < n:
             raise IndexError(f"example {i} out of range for a view of {n} examples")
         e = self.e0 + (i % n)
-        if self.positions == "last":
+        if self.positions != "all":
             return self._convert(self._read(e, e + 1)[0], raw)
         return self._convert(self._read(int(self._off[e]), int(self._off[e + 1])), raw)
 
@@ -208,7 +208,12 @@ class Run:
         if not meta.is_file():
             raise IncompleteRunError(f"{self.path}: no metadata.json; the workflow has not finished this run "
                                      "(run snakemake) or this is not a LayerScope run directory")
-        self.metadata: dict[str, Any] = read_json(meta)
+        md = read_json(meta)
+        # A prompted pass's metadata.json is seed 004's list of questions; its run-level metadata is beside it.
+        self.questions: list[dict[str, Any]] | None = md if isinstance(md, list) else None
+        if self.questions is not None:
+            md = read_json(self.path / "run_metadata.json")
+        self.metadata: dict[str, Any] = md
         stores = self.variants
         if variant is not None and variant.startswith("steer-") and (self.path / f"activations.{variant}.zarr").is_dir():
             stores = {**stores, variant: f"activations.{variant}.zarr"}  # a steered run (steering.runs)
@@ -349,11 +354,18 @@ def _file_changes(directory: Path, recorded: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def model_dir(run_dir: str | os.PathLike) -> Path:
+    """The run's ``model/`` directory (manifests): its own, or for a prompted pass its run's."""
+    run_dir = Path(run_dir)
+    own = run_dir / "model"
+    return own if own.is_dir() or not (run_dir.parent / "model").is_dir() else run_dir.parent / "model"
+
+
 def model_changes(run_dir: str | os.PathLike) -> list[str]:
     """One message per model or adapter directory whose files no longer match ``model/manifest.json``
     (the adapter's entry may live alone in ``model/adapter.json``, which then wins); [] if all match."""
     run_dir = Path(run_dir)
-    mdir = run_dir / "model"
+    mdir = model_dir(run_dir)
     if not (mdir / "manifest.json").is_file():
         return []
     manifest = read_json(mdir / "manifest.json")

@@ -52,7 +52,7 @@ def to_xarray(run) -> Any:
     data_vars, token_ids = {}, None
     for layer, site in run.arrays:
         acts = run.activations(layer, site)
-        rows = "example" if acts.positions == "last" else "token"
+        rows = "example" if acts.positions != "all" else "token"
         width = "hidden" if acts.width == hidden else "neuron" if acts.width == neurons or site == "mlp_act" \
             else f"{site}.width"
         chunk = int(acts.attrs.get("layout", {}).get("shard_rows") or max(1, (64 << 20) // (acts.width * 4)))
