@@ -187,3 +187,32 @@ def test_generation_prompt_ends_chat_records_at_the_answer(tmp_path, model_facto
     with_cue, without = got[True][0], got[False][0]
     assert len(with_cue) > len(without) and with_cue[:len(without)] == without  # the cue comes after the turn
     assert got[True][1] == got[False][1]  # text records are not chat: unchanged
+
+
+def test_chat_records_record_role_prompt_and_response_spans(tmp_path, model_factory):
+    from layerscope.data.dataset import load_examples, load_tokens, prepare
+    from layerscope.models.loading import load_tokenizer
+    from tests.conftest import write_jsonl
+
+    tok = load_tokenizer({"model": model_factory("llama-tiny")})
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, who are you?"},
+            {"role": "assistant", "content": "A small model."}, {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "You are welcome!"}]
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}, {"text": "plain text"}])
+    prepare(data, tok, tmp_path / "ds", max_length=512)
+    chat, plain = load_examples(tmp_path / "ds/examples.jsonl")
+    ids, offsets = load_tokens(tmp_path / "ds")
+    seq = ids[offsets[0]:offsets[1]].tolist()
+    text = lambda rr: [tok.decode(seq[a:b]) for a, b in rr]  # noqa: E731
+    sp = chat["spans"]
+    assert text(sp["role:system"]) == ["Be brief."] and text(sp["role:user"]) == ["Hi there, who are you?", "Thanks"]
+    assert text(sp["response"]) == text(sp["role:assistant"])
+    assert text(sp["response"])[0] == "A small model."
+    # the prompt is everything before the first reply: template tokens, system and user turns, the cue
+    assert sp["prompt"] == [[0, sp["response"][0][0]]] and tok.decode(seq[:sp["prompt"][0][1]]).endswith("<|assistant|>\n")
+    # truncated: no span reaches past the stored tokens, and a reply cut off entirely is no reply
+    prepare(data, tok, tmp_path / "cut", max_length=sp["response"][0][0])
+    cut = load_examples(tmp_path / "cut/examples.jsonl")[0]
+    assert cut["truncated"] and cut["spans"]["response"] == [] and cut["spans"]["prompt"] == [[0, cut["n_tokens"]]]
+    assert all(b <= cut["n_tokens"] for rr in cut["spans"].values() for _, b in rr)
+    assert plain["spans"] == {"prompt": [[0, plain["n_tokens"]]], "response": []}

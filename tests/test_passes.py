@@ -300,6 +300,12 @@ def test_each_pass_is_a_run_with_its_questions_and_store(passes_run):
         assert off[e + 1] - off[e] == q["prompt_tokens"] + q["output_tokens"]
         hs = resid_post(manifest, ids[off[e]:off[e + 1]])
         np.testing.assert_allclose(oc.activations(1, "resid_post")[e], hs[1], atol=1e-4)
+    # the reply's tokens alone, by the spans each example records
+    x, owner = oc.select(1, "resid_post", "response")
+    want = [e for e, q in enumerate(oc.questions) for _ in range(q["output_tokens"])]
+    assert owner.tolist() == want and len(want) == sum(q["output_tokens"] for q in oc.questions)
+    full = oc.activations(1, "resid_post")
+    np.testing.assert_array_equal(x, np.concatenate([full[e][q["prompt_tokens"]:] for e, q in enumerate(oc.questions)]))
     # the run's own capture is untouched by the passes
     assert layerscope.open(r).metadata["dataset_name"] == "demo"
     cfg = read_json(r / "mcq/run_config.json")["config"]

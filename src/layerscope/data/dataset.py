@@ -26,7 +26,7 @@ from layerscope.fileio import atomic_write_bytes, atomic_write_text
 log = logging.getLogger("layerscope.data.dataset")
 
 # Keys LayerScope adds to examples ("rendered" only to chat records); a data set may not use them for its own fields.
-GENERATED = ("index", "rendered", "n_tokens", "n_tokens_full", "truncated", "char_length", "source_line")
+GENERATED = ("index", "rendered", "n_tokens", "n_tokens_full", "truncated", "char_length", "source_line", "spans")
 # CSV columns that keep their cell as a string; other cells that look like numbers become numbers.
 CSV_STRING_FIELDS = ("id", "split", "text", "messages")
 # A JSON number (no leading zeros, no '+', no bare '.5'), so a CSV cell converts exactly when
@@ -186,13 +186,16 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
     for ex in examples:
         # Chat templates already contain the special tokens they need.
         special = add_special_tokens and "messages" not in ex
-        ids = tokenizer(example_text(ex), add_special_tokens=special)["input_ids"]
+        enc = _encode(tokenizer, example_text(ex), special, with_offsets="messages" in ex)
+        ids = enc["input_ids"]
         if not ids:
             raise DataError(f"{path}:{ex['source_line']}: the text tokenizes to no tokens")
         ex["n_tokens_full"] = len(ids)
         ex["truncated"] = len(ids) > max_length
         ids = ids[:max_length]
         ex["n_tokens"] = len(ids)
+        ex["spans"] = chat_spans(ex, enc.get("offset_mapping"), len(ids)) if "messages" in ex else {
+            "prompt": [[0, len(ids)]], "response": []}
         ex["char_length"] = len(example_text(ex))
         ids_list.append(np.asarray(ids, dtype=np.int64))
     offsets = write_tokenized(out, examples, ids_list, path)
@@ -204,6 +207,44 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
     log.info("prepared %d examples, %d tokens, splits %s, %d truncated to %d tokens",
              len(examples), int(offsets[-1]), splits, n_trunc, max_length)
     return {"examples": len(examples), "tokens": int(offsets[-1]), "splits": splits, "truncated": n_trunc}
+
+
+def _encode(tokenizer, text: str, special: bool, with_offsets: bool) -> dict[str, Any]:
+    if with_offsets and getattr(tokenizer, "is_fast", False):
+        return tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    return tokenizer(text, add_special_tokens=special)
+
+
+def chat_spans(ex: dict[str, Any], offsets: list[tuple[int, int]] | None, n: int) -> dict[str, list[list[int]]]:
+    """Token ranges [start, end) of a chat record: ``role:NAME`` (each message's content, by its
+    role), ``response`` (the assistant's messages) and ``prompt`` (everything before the first
+    assistant message: the template's own tokens, the system and user turns, the assistant's cue).
+
+    Ranges are found from the rendered text (each message's content, in order) and the
+    tokenizer's character offsets; a token belongs to a message where its characters overlap the
+    content. Without character offsets (a slow tokenizer) only ``prompt`` (everything) is known."""
+    if offsets is None:
+        return {"prompt": [[0, n]], "response": []}
+    text, pos = ex["rendered"], 0
+    spans: dict[str, list[list[int]]] = {}
+    first_reply = n
+    for m in ex["messages"]:
+        c0 = text.find(m["content"], pos) if m["content"] else -1
+        if c0 < 0:
+            continue
+        c1 = c0 + len(m["content"])
+        pos = c1
+        toks = [i for i, (a, b) in enumerate(offsets[:n]) if a < c1 and b > c0 and b > a]
+        if not toks:
+            continue
+        rng = [toks[0], toks[-1] + 1]
+        spans.setdefault(f"role:{m['role']}", []).append(rng)
+        if m["role"] == "assistant":
+            spans.setdefault("response", []).append(rng)
+            first_reply = min(first_reply, rng[0])
+    spans["prompt"] = [[0, first_reply]] if first_reply else []
+    spans.setdefault("response", [])
+    return spans
 
 
 def write_tokenized(out_dir: str | os.PathLike, examples: list[dict[str, Any]], ids_list: list[np.ndarray],

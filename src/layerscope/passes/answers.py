@@ -145,8 +145,9 @@ def answer_pass(manifest: dict[str, Any], prompts_dir: str, out_dir: str, answer
         ids_list.append(np.concatenate([prompt_ids, reply]))
         if len(reply):
             ex["text"] = ex["text"] + tok.decode(reply, skip_special_tokens=False)
-        ex.update(n_tokens=len(ids_list[-1]), n_tokens_full=len(ids_list[-1]), prompt_tokens=len(prompt_ids),
-                  output_tokens=int(len(reply)), answer_token_index=len(prompt_ids) - 1)
+        n_all, n_p = len(ids_list[-1]), len(prompt_ids)
+        ex.update(n_tokens=n_all, n_tokens_full=n_all, prompt_tokens=n_p, output_tokens=int(len(reply)),
+                  answer_token_index=n_p - 1, spans={"prompt": [[0, n_p]], "response": [[n_p, n_all]] if len(reply) else []})
         ex.pop("features", None)
     for ex in examples:
         ex.pop("index", None)

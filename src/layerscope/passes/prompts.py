@@ -249,6 +249,7 @@ def prepare_pass(task: dict[str, Any], spec: dict[str, Any], tokenizer, out_dir:
         choices.append({"labels": labels, "token_ids": cache[key]})
         ex = {"id": q["id"], "split": q["split"], "n_tokens": len(ids), "n_tokens_full": len(ids), "truncated": False,
               "char_length": len(text), "source_line": q["source_line"], "text": text,
+              "spans": {"prompt": [[0, len(ids)]], "response": []},
               "question": q["question"], "options": q["options"], "answer": q["answer"],
               "features": surface_features(q["question"],
                                            tokenizer(q["question"], add_special_tokens=False)["input_ids"]),

@@ -324,6 +324,37 @@ class Run:
     def iter_shards(self, layer: int, site: str = "resid_post", split: str | None = None):
         return self.activations(layer, site, split).iter_shards()
 
+    def token_mask(self, positions: str) -> np.ndarray:
+        """True for every stored token inside ``positions`` of its example: a span the data set
+        records (``prompt``, ``response``, ``role:NAME`` for chat records; ``prompt``/``response``
+        of a prompted pass's prompt and reply)."""
+        names: set[str] = set()
+        mask = np.zeros(int(self.offsets[-1]), dtype=bool)
+        for ex in self.examples:
+            spans = ex.get("spans")
+            if spans is None:
+                raise LayerScopeError(f"{self.path}: its examples record no spans (prepared by an older LayerScope); "
+                                     "re-run it (snakemake -R prepare_dataset) to select prompt/response/role tokens")
+            names |= set(spans)
+            base = int(self.offsets[ex["index"]])
+            for a, b in spans.get(positions, []):
+                mask[base + a:base + b] = True
+        if positions not in names:
+            raise LayerScopeError(f"{self.path}: no span {positions!r} in its examples (spans: {', '.join(sorted(names))})")
+        return mask
+
+    def select(self, layer: int, site: str, positions: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of an ``all`` array at the tokens of a span (see ``token_mask``), and each row's
+        example index: e.g. only the assistant's tokens, ``run.select(10, "resid_post", "response")``."""
+        acts = self.activations(layer, site, split)
+        if acts.positions != "all":
+            raise LayerScopeError(f"{self.path}: layer_{self.layer_index(layer):02d}/{site} holds {acts.positions} "
+                                  "positions; selecting a span needs every position (capture.positions: all)")
+        r0, r1 = acts.row_range
+        rows = np.flatnonzero(self.token_mask(positions)[r0:r1])
+        owner = np.searchsorted(self.offsets, rows + r0, side="right") - 1
+        return acts.take(rows), owner
+
     def bytes_on_disk(self, layer: int | None = None, site: str | None = None) -> int:
         root = self.store_path
         if layer is not None:
