@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -313,13 +312,9 @@ def test_each_pass_is_a_run_with_its_questions_and_store(passes_run):
 
 
 def changed(cfg: dict, key: str, value) -> dict:
-    cfg = copy.deepcopy(cfg)
-    *head, last = key.split(".")
-    node = cfg
-    for k in head:
-        node = node.setdefault(k, {})
-    node[last] = value
-    return cfg
+    from tests.test_reruns import with_change
+
+    return with_change(key, value, cfg)
 
 
 def pass_jobs(name: str, upto: str = "prepare_pass") -> list[str]:

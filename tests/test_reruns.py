@@ -76,8 +76,9 @@ TABLE = [
 ]
 
 
-def with_change(key: str, value) -> dict:
-    cfg = copy.deepcopy(DEFAULT)
+def with_change(key: str, value, base: dict = DEFAULT) -> dict:
+    """``base`` (default: the demo config) with ``key`` (dotted) set to ``value``."""
+    cfg = copy.deepcopy(base)
     *head, last = key.split(".")
     node = cfg
     for k in head:

@@ -151,6 +151,18 @@ def _lone_surrogate(obj: Any, field: str = "") -> tuple[str, str, int] | None:
     return None
 
 
+def identify(ex: dict[str, Any], path: Path, line: int, seen: dict[str, int], default_split: str) -> dict[str, Any]:
+    """Give a record its split, id (``{file stem}-{n}`` where it has none) and source line; refuse
+    an id ``seen`` (id -> line) on an earlier line."""
+    ex["split"] = str(ex.get("split", default_split))
+    ex["id"] = str(ex["id"]) if "id" in ex else f"{path.stem}-{len(seen)}"
+    if ex["id"] in seen:
+        raise DataError(f"{path}:{line}: duplicate id {ex['id']!r} (first used on line {seen[ex['id']]})")
+    seen[ex["id"]] = line
+    ex["source_line"] = line
+    return ex
+
+
 def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt: str = "auto",
             default_split: str = "all", max_length: int = 512, add_special_tokens: bool = True,
             add_generation_prompt: bool = False) -> dict[str, Any]:
@@ -164,13 +176,7 @@ def prepare(path: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, fmt:
     seen: dict[str, int] = {}
     for line, rec in read_records(path, fmt):
         _check_record(path, line, rec)
-        ex = dict(rec)
-        ex["split"] = str(rec.get("split", default_split))
-        ex["id"] = str(rec["id"]) if "id" in rec else f"{path.stem}-{len(examples)}"
-        if ex["id"] in seen:
-            raise DataError(f"{path}:{line}: duplicate id {ex['id']!r} (first used on line {seen[ex['id']]})")
-        seen[ex["id"]] = line
-        ex["source_line"] = line
+        ex = identify(dict(rec), path, line, seen, default_split)
         if "messages" in rec:
             if not getattr(tokenizer, "chat_template", None):
                 raise DataError(f"{path}:{line}: record uses 'messages' but the model's tokenizer has no chat template")

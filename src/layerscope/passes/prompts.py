@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from layerscope.data.dataset import GENERATED, detect_format, read_records, write_tokenized
+from layerscope.data.dataset import GENERATED, detect_format, identify, read_records, write_tokenized
 from layerscope.errors import ConfigError, DataError
 from layerscope.fileio import write_json
 from layerscope.passes.features import surface_features
@@ -165,15 +165,9 @@ def read_questions(path: str | os.PathLike, fmt: str = "auto", default_split: st
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line}: 'options' cell is not JSON: {e.msg}") from e
         opts = check_question(f"{path}:{line}", rec)
-        q = {k: v for k, v in rec.items() if k not in ("options", "answer")}
+        q = identify({k: v for k, v in rec.items() if k not in ("options", "answer")}, path, line, seen, default_split)
         q["options"] = opts
         q["answer"] = rec.get("answer") or None
-        q["split"] = str(rec.get("split", default_split))
-        q["id"] = str(rec["id"]) if "id" in rec else f"{path.stem}-{len(out)}"
-        if q["id"] in seen:
-            raise DataError(f"{path}:{line}: duplicate id {q['id']!r} (first used on line {seen[q['id']]})")
-        seen[q["id"]] = line
-        q["source_line"] = line
         out.append(q)
     if not out:
         raise DataError(f"{path}: the task has no questions")
