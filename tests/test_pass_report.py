@@ -67,6 +67,10 @@ def test_numbers_equal_a_hand_computation(name, base):
         if name == "mcq":
             assert ss["accuracy"] == pytest.approx(np.mean([r["is_correct"] for r in part]))
     assert (rep["calibration"] is None) == (name == "mcq")
+    assert rep["store"] == {"layers": [0, 2], "sites": ["resid_post"], "positions": ["all"],
+                            "tokens": int(np.load(base / name / "dataset/offsets.npy")[-1]),
+                            "bytes": sum(f.stat().st_size for f in (base / name / "activations.zarr").rglob("*")
+                                         if f.is_file())}
 
 
 def test_calibration_of_a_run_equals_a_hand_computation(base):
@@ -231,6 +235,8 @@ def test_cli(base, lora):
     assert js.returncode == 0, js.stderr
     assert json.loads(js.stdout) == json.loads(to_json(pass_report(base, "self_confidence", show_examples=1)))
     assert "calibration  stated confidence against pass mcq" in run_cli("inspect", str(base / "self_confidence")).stdout
+    assert "passes     mcq, other_confidence, self_confidence, self_gen (inspect RUN --pass NAME)" in \
+           run_cli("inspect", str(base)).stdout
     # compare --positions answer on two passes whose replies differ
     cmp = run_cli("compare", str(base / "other_confidence"), str(lora / "other_confidence"), "--positions", "answer",
                   "--json")

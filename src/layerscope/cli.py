@@ -13,14 +13,7 @@ import sys
 from typing import Sequence
 
 from layerscope.errors import LayerScopeError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+from layerscope.fileio import human_bytes as _human
 
 
 def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
@@ -38,6 +31,10 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
         a, b = run.splits[name]
         p(f"  split {name!r}: {s['examples']} examples (rows {a}..{b - 1}), {s['tokens']} tokens, "
           f"{s['truncated']} truncated")
+    from layerscope.passes.runs import list_passes
+
+    if list_passes(run.path):
+        p(f"passes     {', '.join(list_passes(run.path))} (inspect RUN --pass NAME)")
     p(f"layers     {run.layers} of {md['num_layers']}; sites {', '.join(run.sites)}; dtype {md['dtype']}")
     p("arrays")
     total = 0

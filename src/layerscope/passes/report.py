@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from layerscope.errors import LayerScopeError
+from layerscope.fileio import human_bytes
 from layerscope.passes.prompts import LETTERS, bin_ranges
 from layerscope.passes.runs import (Pass, describe_passes, is_pass_dir, list_passes, load_pass, open_pass,
                                     pass_settings)
@@ -188,11 +189,21 @@ def example(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in keys}
 
 
+def store_summary(p: Pass) -> dict[str, Any]:
+    """What the pass's store holds: layers, sites, positions, tokens (prompt + reply) and bytes on disk."""
+    r = p.run
+    return {"layers": r.layers, "sites": r.sites,
+            "positions": sorted({r.activations(L, s).positions for L, s in r.arrays}),
+            "tokens": int(r.offsets[-1]), "bytes": r.bytes_on_disk()}
+
+
 def resolve(run: str | os.PathLike, name: str | None) -> tuple[Path, Pass]:
     """(run directory, pass) for ``RUN`` and ``--pass NAME``; ``RUN`` may be a pass directory itself."""
     path = Path(run)
-    if is_pass_dir(path) and name in (None, path.name):
-        return path.parent, load_pass(path)
+    if is_pass_dir(path):
+        if name in (None, path.name):
+            return path.parent, load_pass(path)
+        raise LayerScopeError(f"{path} is pass {path.name!r}; for pass {name!r} name its run, {path.parent}")
     if name is None:
         raise LayerScopeError(f"{path}: name a prompted pass with --pass; {describe_passes(path)}")
     return path, open_pass(path, name)
@@ -207,7 +218,7 @@ def pass_report(run: str | os.PathLike, name: str | None, show_examples: int = 0
     rep: dict[str, Any] = {
         "run": str(run_dir), "pass": p.name, "path": str(p.path), "answers": p.answers,
         "model": md.get("model_name"), "adapter": (md.get("adapter") or {}).get("name"),
-        "summary": stats(p.records), "splits": split_stats(p.records),
+        "store": store_summary(p), "summary": stats(p.records), "splits": split_stats(p.records),
         "calibration": pass_calibration(run_dir, p),
         "examples": [example(r) for r in p.records[:show_examples]],
         "compare": None,
@@ -274,9 +285,11 @@ def _indent(text: str, pad: str) -> str:
 
 def format_report(rep: dict[str, Any]) -> str:
     """The report as text for a terminal."""
-    s, conf = rep["summary"], rep["answers"] == "confidence"
+    s, st, conf = rep["summary"], rep["store"], rep["answers"] == "confidence"
     out = [f"pass         {rep['pass']} of {rep['run']} (answers with {rep['answers']})",
            f"model        {_model(rep['model'], rep['adapter'])}",
+           f"store        layers {', '.join(map(str, st['layers']))}; {', '.join(st['sites'])} at "
+           f"{'/'.join(st['positions'])} positions; {st['tokens']} tokens (prompts + replies), {human_bytes(st['bytes'])}",
            f"questions    {s['questions']} ({s['answered']} with a known answer)"]
     if s["answered"]:
         out.append(f"accuracy     {_acc(s)}")
