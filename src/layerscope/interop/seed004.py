@@ -94,8 +94,9 @@ def check_passes(passes: list[tuple[str, Run]], layers, sites, padding: str) -> 
     for name, r in passes:
         d = pass_dir_name(name)
         if d in seen:
+            builtin = ", ".join(f"{k} -> {v}" for k, v in PASS_DIRS.items())
             raise LayerScopeError(f"passes {seen[d]!r} and {name!r} would both be exported to {d}/; rename one "
-                                  f"(the built-in passes map to {', '.join(f'{k} -> {v}' for k, v in PASS_DIRS.items())})")
+                                  f"(the built-in passes map to {builtin})")
         seen[d] = name
         arrays = select_arrays(r, "seed004", layers, sites, format_sites=(SITE,))
         _check_positions(r, arrays, padding)

@@ -289,7 +289,8 @@ def format_report(rep: dict[str, Any]) -> str:
     out = [f"pass         {rep['pass']} of {rep['run']} (answers with {rep['answers']})",
            f"model        {_model(rep['model'], rep['adapter'])}",
            f"store        layers {', '.join(map(str, st['layers']))}; {', '.join(st['sites'])} at "
-           f"{'/'.join(st['positions'])} positions; {st['tokens']} tokens (prompts + replies), {human_bytes(st['bytes'])}",
+           f"{'/'.join(st['positions'])} positions; {st['tokens']} tokens (prompts + replies), "
+           f"{human_bytes(st['bytes'])}",
            f"questions    {s['questions']} ({s['answered']} with a known answer)"]
     if s["answered"]:
         out.append(f"accuracy     {_acc(s)}")
