@@ -131,7 +131,7 @@ def check_same_questions(a: Pass, b: Pass) -> None:
     ra, rb = a.records, b.records
     for i in range(max(len(ra), len(rb))):
         if i >= len(ra) or i >= len(rb):
-            has, lacks = (a, b) if i < len(ra) else (b, a)
+            has = a if i < len(ra) else b
             q = has.records[i]["question_id"]
             raise LayerScopeError(f"the questions differ: first at question {q!r} (#{i}), in {has.path} only "
                                   f"({len(ra)} questions in {a.path}, {len(rb)} in {b.path})")
