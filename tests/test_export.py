@@ -223,6 +223,76 @@ def test_seed004_takes_seed_fields_from_the_records(other_run, tmp_path):
         assert rec["prompt_text"] == (ex["rendered"] if "messages" in ex else ex["text"]) != rec["question_text"]
 
 
+@pytest.fixture(scope="module")
+def pass_base(tmp_path_factory) -> Path:
+    from tests.pass_runs import pass_run
+
+    return pass_run(tmp_path_factory, "base")
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_seed004_passes_read_by_the_guides_loader(padding, pass_base, tmp_path):
+    """A run with prompted passes: one guide directory per pass, the built-in ones under the guide's names."""
+    out = export(pass_base, "seed004", tmp_path / "output_dir", padding=padding)
+    dirs = {"mcq": "mcq", "self_confidence": "self_conf", "other_confidence": "other_conf", "self_gen": "self_gen"}
+    assert sorted(p.name for p in out.iterdir()) == sorted([*dirs.values(), "run_config.json"])
+    for name, d in dirs.items():
+        src = pass_base / name
+        records = json.loads((src / "metadata.json").read_text(encoding="utf-8"))
+        _, offsets, _ = by_hand(src)
+        lengths = np.diff(offsets)
+        seq_len = int(lengths.max())
+        assert sorted(p.name for p in (out / d).iterdir()) == \
+               ["activations_layer_00.npy", "activations_layer_02.npy", "metadata.json"]
+        for L in (0, 2):
+            full = stored(src, L, "resid_post")
+            for q in range(8):
+                acts, q_acts, final, metadata, shape = seed004_snippets(str(out), d, L, q)
+                assert acts.dtype == np.float16 and acts.shape == (8, seq_len, 64)
+                if L == 0:
+                    assert shape == acts.shape
+                n, rows = int(lengths[q]), full[offsets[q]:offsets[q + 1]]
+                s = seq_len - n if padding == "left" else 0
+                np.testing.assert_array_equal(q_acts[s:s + n], rows)
+                assert not q_acts[:s].any() and not q_acts[s + n:].any()
+                if padding == "left":
+                    np.testing.assert_array_equal(final, rows[-1])
+                rec, own = metadata[q], records[q]
+                assert (rec["token_start"], rec["n_tokens"]) == (s, n)
+                # the answer position, as a position in the exported rows
+                assert rec["answer_token_index"] == s + own["answer_token_index"]
+                np.testing.assert_array_equal(acts[q, rec["answer_token_index"]], rows[own["answer_token_index"]])
+        assert list(metadata[0])[:len(seed004.FIELDS)] == list(seed004.FIELDS)
+        for rec, own in zip(metadata, records):
+            for k, v in own.items():
+                if k not in seed004.POSITION_FIELDS:
+                    assert rec[k] == v, (name, k)
+            assert rec["prompt_type"] == name and rec["question_id"] == own["question_id"]
+            if name != "mcq":
+                assert rec["confidence_token_index"] == rec["answer_token_index"] and rec["is_correct"] is None
+            if name in ("self_confidence", "other_confidence"):
+                assert rec[name] == own["expected_confidence"]
+            else:
+                assert rec["self_confidence"] is None and rec["other_confidence"] is None
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["config"]["run"] == "passes" and cfg["export"]["padding_side"] == padding
+    assert {d: v["pass"] for d, v in cfg["export"]["passes"].items()} == {v: k for k, v in dirs.items()}
+    assert cfg["export"]["passes"]["other_conf"]["settings"]["generate"]["max_new_tokens"] == 4
+
+
+def test_seed004_one_pass_and_refusals(pass_base, tmp_path):
+    out = export(pass_base / "self_confidence", "seed004", tmp_path / "one", layers=[-2])
+    assert sorted(p.name for p in out.iterdir()) == ["run_config.json", "self_conf"]
+    assert sorted(p.name for p in (out / "self_conf").iterdir()) == ["activations_layer_02.npy", "metadata.json"]
+    run = layerscope.open(pass_base / "mcq")
+    with pytest.raises(LayerScopeError, match=r"passes 'self_confidence' and 'self_conf' would both be exported to "
+                                              r"self_conf/"):
+        seed004.check_passes([("self_confidence", run), ("self_conf", run)], None, None, "left")
+    with pytest.raises(LayerScopeError, match="nothing to export at layer 1"):
+        export(pass_base, "seed004", tmp_path / "bad", layers=[1])
+    assert not (tmp_path / "bad").exists()
+
+
 # --- npy ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["demo", "other"])

@@ -1,4 +1,5 @@
 """Command line: ``python -m layerscope inspect RUN_DIR [--show-examples N]``,
+``python -m layerscope inspect RUN_DIR --pass PASS [--show-examples N] [--compare-with OTHER_RUN] [--json]``,
 ``python -m layerscope plan [--configfile FILE] [--directory DIR] [--json]``,
 ``python -m layerscope export RUN[:VARIANT] --format seed001|seed004|npy --out DIR`` and
 ``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all] [--json]`` and
@@ -12,14 +13,7 @@ import sys
 from typing import Sequence
 
 from layerscope.errors import LayerScopeError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+from layerscope.fileio import human_bytes as _human
 
 
 def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
@@ -37,6 +31,10 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
         a, b = run.splits[name]
         p(f"  split {name!r}: {s['examples']} examples (rows {a}..{b - 1}), {s['tokens']} tokens, "
           f"{s['truncated']} truncated")
+    from layerscope.passes.runs import list_passes
+
+    if list_passes(run.path):
+        p(f"passes     {', '.join(list_passes(run.path))} (inspect RUN --pass NAME)")
     p(f"layers     {run.layers} of {md['num_layers']}; sites {', '.join(run.sites)}; dtype {md['dtype']}")
     p("arrays")
     total = 0
@@ -68,6 +66,16 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
                                                                "n_tokens_full", "truncated", "source_line")}
             if extra:
                 p(f"  fields: {extra}")
+
+
+def inspect_pass(run_dir: str, name: str | None, show_examples: int = 0, compare_with: str | None = None,
+                 as_json: bool = False, out=sys.stdout) -> dict:
+    """Print the report on one prompted pass of a run (layerscope.passes.report), as text or JSON."""
+    from layerscope.passes.report import format_report, pass_report, to_json
+
+    rep = pass_report(run_dir, name, show_examples, compare_with)
+    print(to_json(rep) if as_json else format_report(rep), file=out)
+    return rep
 
 
 def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=sys.stdout) -> dict:
@@ -196,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ins = sub.add_parser("inspect", help="print a summary of a run directory")
     ins.add_argument("run_dir", help="a run directory, e.g. results/demo")
     ins.add_argument("--show-examples", type=int, default=0, metavar="N", help="print the first N examples")
+    ins.add_argument("--pass", dest="pass_name", metavar="PASS",
+                     help="report on this prompted pass of the run (accuracy, entropy, calibration...)")
+    ins.add_argument("--compare-with", metavar="OTHER_RUN",
+                     help="with --pass: the same pass of another run (e.g. fine-tuned vs base), side by side")
+    ins.add_argument("--json", action="store_true", help="with --pass: one JSON object instead of text")
     pl = sub.add_parser("plan", help="print what a config would capture and what it would cost, before running")
     pl.add_argument("--configfile", help="the workflow config (default: config/config.yaml of --directory)")
     pl.add_argument("--directory", default=".", help="the working directory snakemake would run in")
@@ -219,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="compare two runs on the same tokens, per layer x site x split")
     cmp.add_argument("run_a", help="run A: a run directory, optionally with :VARIANT")
     cmp.add_argument("run_b", help="run B, likewise")
-    cmp.add_argument("--positions", choices=["last", "all"], default="last",
-                     help="each example's last token (default) or every token")
+    cmp.add_argument("--positions", choices=["last", "all", "answer"], default="last",
+                     help="each example's last token (default), every token, or its answer position (prompted "
+                          "passes: the prompts must agree up to it, the replies may differ)")
     cmp.add_argument("--layers", type=_int_list, help="layers to compare, e.g. 0,3,-1 (default: all in both)")
     cmp.add_argument("--sites", type=_str_list, help="sites to compare (default: all in both)")
     cmp.add_argument("--json", action="store_true", help="one JSON object instead of the table")
@@ -251,7 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "compare":
             compare_runs(args.run_a, args.run_b, args.positions, args.json, args.layers, args.sites)
         else:
-            inspect_run(args.run_dir, args.show_examples)
+            from layerscope.passes.runs import is_pass_dir
+
+            if args.pass_name is not None or is_pass_dir(args.run_dir):
+                inspect_pass(args.run_dir, args.pass_name, args.show_examples, args.compare_with, args.json)
+            elif args.compare_with is not None or args.json:
+                from layerscope.passes.runs import describe_passes
+
+                raise LayerScopeError(f"--compare-with and --json need --pass PASS; {args.run_dir}: "
+                                      f"{describe_passes(args.run_dir)}")
+            else:
+                inspect_run(args.run_dir, args.show_examples)
     except LayerScopeError as e:
         print(f"layerscope: error: {e}", file=sys.stderr)
         return 1

@@ -82,3 +82,12 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ``3.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)

@@ -2,8 +2,10 @@
 
     rows = compare("results/base", "results/tuned", positions="last")
 
-For each array both runs hold and each split, over the vectors a_i (run A) and b_i (run B) at
-the chosen positions:
+For each array both runs hold and each split (or the whole run: ``by_split=False``), over the
+vectors a_i (run A) and b_i (run B) at the chosen positions (``last``: each example's last token;
+``all``: every token; ``answer``: each example's answer position, where a prompted pass read the
+model's answer, the last token elsewhere):
 
 - ``cosine``: mean over i of cos(a_i, b_i) (1 where both are zero, 0 where one is);
 - ``rel_l2``: sqrt(sum ||a_i - b_i||^2) / sqrt(sum ||a_i||^2), the relative L2 distance of the
@@ -12,6 +14,11 @@ the chosen positions:
   and ``norm_change_rel`` = that over mean ||a_i||.
 
 Everything accumulates in float64, block by block, so memory stays bounded whatever the run.
+
+Runs must hold the same tokens, with one exception: at ``answer`` positions only the tokens up to
+and with each example's answer position must agree. A prompted pass that generates appends the
+model's own reply to each prompt, so a base and a fine-tuned run differ in their tokens after it;
+the activations at the answer position, in a causal model, depend on the prompt alone.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from layerscope.data.dataset import load_answer_index
 from layerscope.errors import LayerScopeError
 from layerscope.store.reader import Activations, Run
 from layerscope.store.variants import open_ref
 
-POSITIONS = ("last", "all")
+POSITIONS = ("last", "all", "answer")
 BLOCK_BYTES = 16 << 20  # float64 rows held per side at once
 TOKEN_BLOCK = 1 << 22  # token ids compared at once
 
@@ -36,7 +44,7 @@ TOKEN_BLOCK = 1 << 22  # token ids compared at once
 class CompareRow:
     layer: int
     site: str
-    split: str
+    split: str | None  # None: every example of the run (by_split=False)
     positions: str
     n: int  # vectors compared: examples ("last") or tokens ("all")
     cosine: float
@@ -97,6 +105,45 @@ def check_same_tokens(a: Run, b: Run) -> None:
     raise LayerScopeError(f"runs differ in tokens: first at {what}: {detail}; compare needs the same tokens")
 
 
+def answer_index(run: Run) -> np.ndarray:
+    """Per example, the index within it of its answer position (a prompted pass's
+    ``dataset/answer_index.npy``; the last token for any other run)."""
+    return load_answer_index(run.path / "dataset", run.offsets)
+
+
+def check_same_prompts(a: Run, b: Run, ia: np.ndarray, ib: np.ndarray) -> None:
+    """Raise LayerScopeError naming the first example whose tokens up to and with its answer position
+    (``ia``, ``ib``: indices within each example) differ between the runs; what follows may differ."""
+    if len(a) != len(b):
+        has = a if len(a) > len(b) else b
+        raise LayerScopeError(f"runs differ in examples: {_describe(has, min(len(a), len(b)))} is in {has.path} only "
+                              f"({len(a)} examples in {a.path}, {len(b)} in {b.path}); compare needs the same prompts")
+    oa, ob = a.offsets, b.offsets
+    ids_a, ids_b = a.group["tokens/ids"], b.group["tokens/ids"]
+    e = 0
+    while e < len(a):  # blocks of examples holding at most TOKEN_BLOCK tokens in each run
+        f = e + 1
+        while f < len(a) and max(oa[f + 1] - oa[e], ob[f + 1] - ob[e]) <= TOKEN_BLOCK:
+            f += 1
+        xa, xb = ids_a[int(oa[e]):int(oa[f])], ids_b[int(ob[e]):int(ob[f])]
+        for k in range(e, f):
+            pa, pb = xa[oa[k] - oa[e]:oa[k] - oa[e] + ia[k] + 1], xb[ob[k] - ob[e]:ob[k] - ob[e] + ib[k] + 1]
+            if ia[k] != ib[k] or not np.array_equal(pa, pb):
+                what = _describe(a, k)
+                if b.examples[k]["id"] != a.examples[k]["id"]:
+                    what += f" / id {b.examples[k]['id']!r} in {b.path}"
+                diff = np.flatnonzero(pa[:len(pb)] != pb[:len(pa)])
+                detail = (f"token {int(diff[0])} is {int(pa[diff[0]])} in {a.path} and {int(pb[diff[0]])} in {b.path}"
+                          if diff.size else f"the answer is read at token {int(ia[k])} in {a.path} and "
+                                            f"{int(ib[k])} in {b.path}")
+                raise LayerScopeError(f"runs differ in their prompts: first at {what}: {detail}; comparing at the "
+                                      "answer position needs the same tokens up to it")
+        e = f
+    if a.splits != b.splits:
+        raise LayerScopeError(f"{a.path} and {b.path} hold the same prompts but group them into different "
+                              f"splits ({a.splits} vs {b.splits}); compare needs the same splits")
+
+
 def compared_arrays(a: Run, b: Run, layers: Sequence[int] | None = None, sites: Sequence[str] | None = None
                     ) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[tuple[int, str]]]:
     """(arrays in both, only in A, only in B), restricted to ``layers`` and ``sites`` when given."""
@@ -110,12 +157,20 @@ def compared_arrays(a: Run, b: Run, layers: Sequence[int] | None = None, sites: 
     return sorted(sa & sb), sorted(sa - sb), sorted(sb - sa)
 
 
-def _blocks(view: Activations, positions: str, offsets: np.ndarray) -> Iterator[np.ndarray]:
-    """The view's vectors at ``positions`` in bounded float64 blocks, in example (then token) order."""
+def _wanted(run: Run, positions: str) -> np.ndarray | None:
+    """Per example, the index within it of the token compared (None: every token)."""
+    if positions == "all":
+        return None
+    return answer_index(run) if positions == "answer" else np.diff(run.offsets) - 1
+
+
+def _blocks(view: Activations, want: np.ndarray | None, offsets: np.ndarray) -> Iterator[np.ndarray]:
+    """The view's vectors in bounded float64 blocks, in example (then token) order: at each example's
+    token ``want`` (an index within the example; None: every token). A view of one row per example
+    holds that token already (compare checked it)."""
     step = max(1, BLOCK_BYTES // (8 * view.width))
-    if positions == "last" and view.positions == "all":
-        # the last real token of each example is the row before the next example's first
-        idx = offsets[view.e0 + 1:view.e1 + 1] - 1 - offsets[view.e0]
+    if want is not None and view.positions == "all":
+        idx = offsets[view.e0:view.e1] + want[view.e0:view.e1] - offsets[view.e0]
         for i in range(0, len(idx), step):
             yield view.take(idx[i:i + step]).astype(np.float64)
         return
@@ -124,11 +179,11 @@ def _blocks(view: Activations, positions: str, offsets: np.ndarray) -> Iterator[
         yield view.rows(r, min(r + step, n)).astype(np.float64)
 
 
-def _row(layer: int, site: str, split: str, positions: str, va: Activations, vb: Activations,
-         offsets: np.ndarray) -> CompareRow:
+def _row(layer: int, site: str, split: str | None, positions: str, va: Activations, vb: Activations,
+         a: Run, b: Run, want_a: np.ndarray | None, want_b: np.ndarray | None) -> CompareRow:
     n = 0
     cos = sq_diff = sq_a = norm_a = norm_b = 0.0
-    for xa, xb in zip(_blocks(va, positions, offsets), _blocks(vb, positions, offsets), strict=True):
+    for xa, xb in zip(_blocks(va, want_a, a.offsets), _blocks(vb, want_b, b.offsets), strict=True):
         na, nb = np.linalg.norm(xa, axis=1), np.linalg.norm(xb, axis=1)
         dot = np.einsum("ij,ij->i", xa, xb)
         denom = na * nb
@@ -152,17 +207,24 @@ def _row(layer: int, site: str, split: str, positions: str, va: Activations, vb:
 
 def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, positions: str = "last",
             layers: Sequence[int] | None = None, sites: Sequence[str] | None = None,
-            splits: Sequence[str] | None = None) -> list[CompareRow]:
-    """One row per layer x site both runs hold, per split (``splits``: all by default).
+            splits: Sequence[str] | None = None, by_split: bool = True) -> list[CompareRow]:
+    """One row per layer x site both runs hold, per split (``splits``: all by default), or over
+    the whole run (``by_split=False``: one row per layer x site, ``split`` None).
 
     Runs are Run objects or ``RUN[:VARIANT]`` references. ``positions="last"`` compares each
-    example's last token (from ``last`` or ``all`` arrays alike); ``"all"`` every token, which
-    needs ``all`` arrays in both runs. Refuses runs whose tokens differ.
+    example's last token (from ``last`` or ``all`` arrays alike); ``"answer"`` each example's
+    answer position (from ``answer`` or ``all`` arrays, or ``last`` arrays where it is the last
+    token); ``"all"`` every token, which needs ``all`` arrays in both runs. Refuses runs whose
+    tokens differ (at ``answer``: whose tokens up to the answer position differ).
     """
     if positions not in POSITIONS:
         raise LayerScopeError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
     a, b = _as_run(run_a), _as_run(run_b)
-    check_same_tokens(a, b)
+    want_a, want_b = _wanted(a, positions), _wanted(b, positions)
+    if positions == "answer":
+        check_same_prompts(a, b, want_a, want_b)
+    else:
+        check_same_tokens(a, b)
     both, only_a, only_b = compared_arrays(a, b, layers, sites)
     if not both:
         raise LayerScopeError(f"{a.path} and {b.path} share no layer x site to compare (A has "
@@ -177,17 +239,25 @@ def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, posi
         if va.width != vb.width:
             raise LayerScopeError(f"layer_{layer:02d}/{site} is {va.width} wide in {a.path} and {vb.width} in "
                                   f"{b.path}: not the same model shape")
-        if positions == "all":
-            lasts = [str(r.path) for r, v in ((a, va), (b, vb)) if v.positions != "all"]
-            if lasts:
-                raise LayerScopeError(f"layer_{layer:02d}/{site} holds the last position only in {', '.join(lasts)}; "
-                                      "compare it with --positions last, or leave it out (--layers/--sites)")
+        for r, v, want in ((a, va, want_a), (b, vb, want_b)):
+            if v.positions == "all":
+                continue
+            if want is None:
+                raise LayerScopeError(f"layer_{layer:02d}/{site} holds the {v.positions} position only in {r.path}; "
+                                      f"compare it with --positions {v.positions}, or leave it out (--layers/--sites)")
+            held = _wanted(r, v.positions)
+            if not np.array_equal(held, want):
+                e = int(np.flatnonzero(held != want)[0])
+                raise LayerScopeError(f"layer_{layer:02d}/{site} holds the {v.positions} position only in {r.path}, "
+                                      f"and that is not the {positions} position of {_describe(r, e)} (a prompted "
+                                      f"pass that generates reads its answer before the reply); compare it with "
+                                      f"--positions {v.positions}, or leave it out (--layers/--sites)")
         plan.append((layer, site))
     rows = []
     for layer, site in plan:
-        for s in names:
+        for s in (names if by_split else [None]):
             rows.append(_row(layer, site, s, positions, a.activations(layer, site, split=s),
-                             b.activations(layer, site, split=s), a.offsets))
+                             b.activations(layer, site, split=s), a, b, want_a, want_b))
     return rows
 
 

@@ -27,24 +27,30 @@ def export(run: Run | str | os.PathLike, fmt: str, out: str | os.PathLike, *, la
     """Export ``run`` (a Run or ``RUN[:VARIANT]``) as ``fmt`` into ``out``; returns the output directory.
 
     ``layers`` (negative counts from the model's last) and ``sites`` restrict what is written; the
-    seed formats hold the residual stream (``resid_post``) only. ``shard_size`` (examples per
+    seed formats hold the residual stream (``resid_post``) only. seed004 writes a run's prompted
+    passes, one directory each, where it has them (see interop/seed004.py), else its splits. ``shard_size`` (examples per
     shard) is seed001's; ``padding`` (``left``/``right``) is seed004's.
     """
     if fmt not in FORMATS:
         raise LayerScopeError(f"unknown export format {fmt!r} (formats: {', '.join(FORMATS)})")
     run, variant = (run, None) if isinstance(run, Run) else open_ref(run)
-    if fmt == "npy":
+    passes = seed004.passes_of(run, variant) if fmt == "seed004" else []
+    if passes:  # seed 004's own experiment: one directory per prompted pass
+        plan = seed004.check_passes(passes, layers, sites, padding)
+    elif fmt == "npy":
         arrays = select_arrays(run, fmt, layers, sites)
     else:
         arrays = select_arrays(run, fmt, layers, sites, format_sites=(seed001.SITE,))
     if fmt == "seed001":
         seed001.check(run, arrays, shard_size)
-    elif fmt == "seed004":
+    elif fmt == "seed004" and not passes:
         seed004.check(run, arrays, padding)
     dest = check_out(run, Path(out), force)
     with staged_dir(dest) as tmp:
         if fmt == "seed001":
             seed001.write(run, arrays, tmp, shard_size=shard_size, variant=variant)
+        elif passes:
+            seed004.write_passes(run, plan, tmp, padding=padding, variant=variant)
         elif fmt == "seed004":
             seed004.write(run, arrays, tmp, padding=padding, variant=variant)
         else:
