@@ -319,7 +319,7 @@ def run_paired(args, scratch: Path, m: dict) -> dict:
             row(PAIRED, f"{way}:{k}", v, tokens)
         ratio = med["paired"] / (med["adapter"] + med["base"])
         t = times[way]
-        best = min(t["paired"]) / (min(t["adapter"]) + min(t["base"]))  # fastest of each: less noise from a busy machine
+        best = min(t["paired"]) / (min(t["adapter"]) + min(t["base"]))  # fastest runs: less noise from other work
         result[way] = {"median_s": {k: round(v, 3) for k, v in med.items()},
                        "spread_s": {k: [round(min(v), 3), round(max(v), 3)] for k, v in t.items()},
                        "ratio": round(ratio, 3), "ratio_best": round(best, 3)}
