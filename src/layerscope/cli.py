@@ -170,16 +170,18 @@ def compare_runs(run_a: str, run_b: str, positions: str = "last", as_json: bool 
     import json
     import math
 
-    from layerscope.analysis.compare import compare, compared_arrays
+    from layerscope.analysis.compare import compare, compared_arrays, unpaired
     from layerscope.store.variants import open_ref
 
     (a, va), (b, vb) = open_ref(run_a), open_ref(run_b)
     rows = compare(a, b, positions=positions, layers=layers, sites=sites)
-    _, only_a, only_b = compared_arrays(a, b, layers, sites)
+    both, only_a, only_b = compared_arrays(a, b, layers, sites)
+    other_rank = unpaired(a, b, both)
     names = lambda arrays: [f"layer_{L:02d}/{s}" for L, s in arrays]  # noqa: E731
     if as_json:
         print(json.dumps({"a": {"run": str(a.path), "variant": va}, "b": {"run": str(b.path), "variant": vb},
                           "positions": positions, "only_a": names(only_a), "only_b": names(only_b),
+                          "other_rank": names(other_rank),
                           "rows": [r.to_json() for r in rows]}), file=out)
         return rows
     p = lambda *x: print(*x, file=out)  # noqa: E731
@@ -195,6 +197,8 @@ def compare_runs(run_a: str, run_b: str, positions: str = "last", as_json: bool 
     for who, arrays in (("A", only_a), ("B", only_b)):
         if arrays:
             p(f"only in {who} (not compared): {', '.join(names(arrays))}")
+    if other_rank:
+        p(f"LoRA arrays of different ranks (not compared): {', '.join(names(other_rank))}")
     return rows
 
 

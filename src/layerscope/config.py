@@ -135,6 +135,10 @@ class Plan:
     lora: dict[int, dict[str, list[int]]] | None = None  # the adapter's modules, where LoRA sites need them
     steering: list[Target] = field(default_factory=list)
     adapters: dict[str, ModelRef] = field(default_factory=dict)  # more adapters: variants beside the main one
+    # where LoRA sites are planned: each more adapter's own modules, and its sites per layer
+    # (the config's sites with lora_a/lora_delta expanded to that adapter's modules)
+    variant_lora: dict[str, dict[int, dict[str, list[int]]]] = field(default_factory=dict)
+    variant_sites: dict[str, dict[int, list[str]]] = field(default_factory=dict)
     passes: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompted passes, resolved (passes/prompts.py)
 
     def pass_captures(self, block: Block, name: str) -> list[tuple[int, str, str]]:
@@ -169,6 +173,12 @@ class Plan:
     def widths(self) -> Widths:
         return Widths(self.dims.hidden_size, self.dims.intermediate_size, self.lora or {})
 
+    def variant_widths(self, variant: str | None = None) -> Widths:
+        """Widths of a variant's arrays: a more adapter's LoRA sites have its own ranks."""
+        if variant in self.variant_lora:
+            return Widths(self.dims.hidden_size, self.dims.intermediate_size, self.variant_lora[variant])
+        return self.widths
+
     @property
     def blocks(self) -> list[Block]:
         """The chain of capture jobs, bottom up.
@@ -199,7 +209,11 @@ class Plan:
 
     def captures(self, block: Block, variant: str | None = None) -> list[tuple[int, str, str]]:
         """(layer, site, positions) of every array a block's job writes into ``variant``'s store
-        (default: the main one); a base variant beside an adapter has no LoRA sites."""
+        (default: the main one); a base variant beside an adapter has no LoRA sites, a more
+        adapter's variant the LoRA sites of its own adapter."""
+        if variant in self.variant_sites:
+            sites = self.variant_sites[variant]
+            return [(L, s, self.settings[L]["positions"]) for L in block.layers for s in sites[L]]
         lora_ok = variant in (None, self.main_variant) or variant.startswith("steer-")  # steered: the main model
         return [(L, s, self.settings[L]["positions"]) for L in block.layers for s in self.settings[L]["sites"]
                 if lora_ok or split_site(s)[0] not in LORA_SITES]
@@ -286,6 +300,9 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         for name, ref in extra_refs.items():
             if ref.kind == "local" and not Path(ref.name).is_dir():
                 raise ConfigError(f"config error: adapters.{name}.id: local directory {ref.name} does not exist")
+            if ref.kind == "builtin" and ref.name != "lora":
+                raise ConfigError(f"config error: adapters.{name}.id: unknown built-in adapter 'builtin:{ref.name}' "
+                                  "(choose builtin:lora)")
         for key, ref in (("model", model), ("adapter", adapter)):
             if ref is not None and ref.kind == "local" and not Path(ref.name).is_dir():
                 raise ConfigError(f"config error: {key}.id: local directory {ref.name} does not exist")
@@ -340,10 +357,13 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         raise ConfigError(f"config error: capture.variants: {variants} leaves out {main!r}, which the main store "
                           "(activations.zarr) holds; to capture the model without its adapter, set adapter: null")
     cap["variants"] = [main] + sorted(v for v in variants if v != main)
-    lora = None
+    lora, variant_lora, variant_sites = None, {}, {}
     if any(split_site(s)[0] in LORA_SITES for v in settings.values() for s in v["sites"]):
         lora = adapter_modules(adapter, model, cfg["hub_cache"], allow_download)
-        expand_lora_sites(settings, lora, cap["lora_modules"])
+        # each more adapter that is a variant captures the LoRA sites of its own modules
+        variant_lora = {n: adapter_modules(extra_refs[n], model, cfg["hub_cache"], allow_download,
+                                           key=f"adapters.{n}.id") for n in cap["variants"] if n in extra_refs}
+        variant_sites = expand_lora_sites(settings, lora, cap["lora_modules"], variant_lora)
     # Key order must not matter: Snakemake compares params by their text, so a config file
     # rewritten with its keys in another order would otherwise re-run every job.
     cfg = json.loads(dumps_stable(cfg))
@@ -358,8 +378,11 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         if t.layer > max(layers):
             raise ConfigError(f"config error: steering.runs: {t.name} steers layer {t.layer}, above every captured "
                               f"layer (the highest is {max(layers)}): nothing would show its effect")
+    variant_sites = {n: {int(L): v for L, v in json.loads(dumps_stable(per)).items()}
+                     for n, per in variant_sites.items()}
     return Plan(cfg, base, model, adapter, dims, layers, settings, lora, steer,
-                {n: r for n, r in extra_refs.items() if n in cfg["capture"]["variants"]}, passes)
+                {n: r for n, r in extra_refs.items() if n in cfg["capture"]["variants"]}, variant_lora, variant_sites,
+                passes)
 
 
 def plan_passes(cfg: dict[str, Any], base: Path, raw: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
@@ -444,8 +467,9 @@ def check_site_names(cap: dict[str, Any]) -> None:
 
 
 def adapter_modules(adapter: ModelRef | None, model: ModelRef, hub_cache: str | None,
-                    allow_download: bool = True) -> dict[int, dict[str, list[int]]]:
-    """The adapter's LoRA modules per layer, read before any job runs (LoRA sites need their names and widths)."""
+                    allow_download: bool = True, key: str = "adapter.id") -> dict[int, dict[str, list[int]]]:
+    """The adapter's LoRA modules per layer, read before any job runs (LoRA sites need their names and
+    widths); ``key``: the config key that names it (``adapters.NAME.id`` for a more adapter)."""
     from layerscope.models.adapters import builtin_lora_modules, lora_modules
 
     if adapter is None:
@@ -454,7 +478,7 @@ def adapter_modules(adapter: ModelRef | None, model: ModelRef, hub_cache: str | 
     try:
         if adapter.kind == "builtin":
             if model.kind != "builtin":
-                raise ConfigError("config error: adapter.id: LoRA sites of builtin:lora need a built-in model "
+                raise ConfigError(f"config error: {key}: LoRA sites of builtin:lora need a built-in model "
                                   "(planning builds the adapter to read its modules)")
             return builtin_lora_modules(model.name, adapter.seed)
         if adapter.kind == "local":
@@ -463,50 +487,74 @@ def adapter_modules(adapter: ModelRef | None, model: ModelRef, hub_cache: str | 
 
         directory = peek_adapter(adapter, hub_cache, allow_download)
         if directory is None:
-            raise ConfigError(f"config error: adapter.id: the files of {adapter.label} are not in the hub cache and "
+            raise ConfigError(f"config error: {key}: the files of {adapter.label} are not in the hub cache and "
                               "cannot be downloaded; planning LoRA sites needs its adapter_config.json and weights")
         return lora_modules(directory)
-    except ModelError as e:
-        raise ConfigError(f"config error: {e}") from e
+    except ModelError as e:  # its messages name adapter.id: name the key that holds this adapter
+        msg = str(e)
+        raise ConfigError(f"config error: {key + msg[len('adapter.id'):] if msg.startswith('adapter.id:') else msg}"
+                          ) from e
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"config error: adapter.id: cannot read the LoRA modules of {adapter.label}: {e}") from e
+        raise ConfigError(f"config error: {key}: cannot read the LoRA modules of {adapter.label}: {e}") from e
 
 
 def expand_lora_sites(settings: dict[int, dict[str, Any]], lora: dict[int, dict[str, list[int]]],
-                      names: str | list[str]) -> None:
+                      names: str | list[str], more: dict[str, dict[int, dict[str, list[int]]]] | None = None
+                      ) -> dict[str, dict[int, list[str]]]:
     """Turn ``lora_a`` / ``lora_delta`` into one site per adapted module of each layer (those
-    ``capture.lora_modules`` names), and check every module a site names."""
-    every = sorted({m for mods in lora.values() for m in mods})
+    ``capture.lora_modules`` names), for the main adapter (``lora``: in ``settings``, in place) and
+    for each of the ``more`` adapters that are variants (returned: name -> layer -> sites).
+
+    Each adapter gets the LoRA sites of its own modules: a module site the config names
+    (``lora_a.mlp.down_proj``) is left out of an adapter that does not adapt that module there. A
+    name that no adapter has (a module site in its layer, a ``capture.lora_modules`` entry) is
+    one config error, as is a plan where no adapter has a LoRA site at all.
+    """
+    adapters = {"adapter": lora, **(more or {})}
+    every = {a: sorted({m for mods in lm.values() for m in mods}) for a, lm in adapters.items()}
+
+    def listing(per: dict[str, list[str]]) -> str:  # what each adapter adapts (one adapter: the plain list)
+        if len(per) == 1:
+            return ", ".join(next(iter(per.values()))) or "none"
+        return "; ".join(f"{a}: {', '.join(ms) or 'none'}" for a, ms in per.items())
+
     if names != "all":
         for name in names:
-            if not any(matches(m, name) for m in every):
-                raise ConfigError(f"config error: capture.lora_modules: {name!r} matches no module the adapter "
-                                  f"adapts ({', '.join(every) or 'none'})")
+            if not any(matches(m, name) for ms in every.values() for m in ms):
+                who = "the adapter adapts" if len(adapters) == 1 else "any adapter adapts"
+                raise ConfigError(f"config error: capture.lora_modules: {name!r} matches no module {who} "
+                                  f"({listing(every)})")
     chosen = lambda m: names == "all" or any(matches(m, n) for n in names)  # noqa: E731
-    found = False
+    out: dict[str, dict[int, list[str]]] = {}
+    for a, lm in adapters.items():
+        out[a] = {}
+        for L, v in settings.items():
+            mods = lm.get(L, {})
+            sites = []
+            for s in v["sites"]:
+                kind, module = split_site(s)
+                if kind not in LORA_SITES:
+                    sites.append(s)
+                elif module is None:
+                    sites += [f"{kind}.{m}" for m in sorted(mods) if chosen(m)]
+                elif module in mods:
+                    sites.append(s)
+                elif not any(module in other.get(L, {}) for other in adapters.values()):
+                    there = {b: sorted(other.get(L, {})) for b, other in adapters.items()}
+                    raise ConfigError(f"config error: capture.sites: {s}: layer {L} has no LoRA module {module!r} "
+                                      f"{'in any adapter ' if len(adapters) > 1 else ''}(adapted there: "
+                                      f"{listing(there)})")
+            out[a][L] = list(dict.fromkeys(sites))
+    if not any(split_site(s)[0] in LORA_SITES for per in out.values() for sites in per.values() for s in sites):
+        who = "the adapter adapts no module" if len(adapters) == 1 else "no adapter adapts a module"
+        raise ConfigError(f"config error: capture.sites: {who} in the captured layers that capture.lora_modules "
+                          f"selects (adapted: {listing(every)})")
     for L, v in settings.items():
-        mods = lora.get(L, {})
-        out = []
-        for s in v["sites"]:
-            kind, module = split_site(s)
-            if kind not in LORA_SITES:
-                out.append(s)
-            elif module is None:
-                out += [f"{kind}.{m}" for m in sorted(mods) if chosen(m)]
-            elif module in mods:
-                out.append(s)
-            else:
-                raise ConfigError(f"config error: capture.sites: {s}: layer {L} has no LoRA module {module!r} "
-                                  f"(adapted there: {', '.join(sorted(mods)) or 'none'})")
-        found |= any(split_site(s)[0] in LORA_SITES for s in out)
-        v["sites"] = list(dict.fromkeys(out))
-    if not found:
-        raise ConfigError("config error: capture.sites: the adapter adapts no module in the captured layers "
-                          f"that capture.lora_modules selects (adapted: {', '.join(every) or 'none'})")
-    for L, v in settings.items():
-        if not v["sites"]:
+        v["sites"] = out["adapter"][L]
+        if not any(per[L] for per in out.values()):
             raise ConfigError(f"config error: capture.sites: layer {L} would capture nothing (no adapted "
                               "module there); add a site or leave it out of capture.layers")
+    return {a: per for a, per in out.items() if a != "adapter"}
 
 
 def dumps_stable(obj: Any) -> str:

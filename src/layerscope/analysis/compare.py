@@ -2,7 +2,8 @@
 
     rows = compare("results/base", "results/tuned", positions="last")
 
-For each array both runs hold and each split (or the whole run: ``by_split=False``), over the
+For each array both runs hold and each split (or the whole run: ``by_split=False``), but LoRA
+arrays of different ranks (the LoRA neurons of two adapters, which do not pair up), over the
 vectors a_i (run A) and b_i (run B) at the chosen positions (``last``: each example's last token;
 ``all``: every token; ``answer``: each example's answer position, where a prompted pass read the
 model's answer, the last token elsewhere):
@@ -32,6 +33,7 @@ import numpy as np
 
 from layerscope.data.dataset import load_answer_index
 from layerscope.errors import LayerScopeError
+from layerscope.models.adapters import LORA_SITES, split_site
 from layerscope.store.reader import Activations, Run
 from layerscope.store.variants import open_ref
 
@@ -157,6 +159,13 @@ def compared_arrays(a: Run, b: Run, layers: Sequence[int] | None = None, sites: 
     return sorted(sa & sb), sorted(sa - sb), sorted(sb - sa)
 
 
+def unpaired(a: Run, b: Run, arrays: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The LoRA arrays among ``arrays`` that differ in width between the runs: the sites of two
+    adapters of different ranks (a run's variants of more adapters), with no vectors to pair."""
+    return [(L, s) for L, s in arrays if split_site(s)[0] in LORA_SITES
+            and a.activations(L, s).width != b.activations(L, s).width]
+
+
 def _wanted(run: Run, positions: str) -> np.ndarray | None:
     """Per example, the index within it of the token compared (None: every token)."""
     if positions == "all":
@@ -209,7 +218,8 @@ def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, posi
             layers: Sequence[int] | None = None, sites: Sequence[str] | None = None,
             splits: Sequence[str] | None = None, by_split: bool = True) -> list[CompareRow]:
     """One row per layer x site both runs hold, per split (``splits``: all by default), or over
-    the whole run (``by_split=False``: one row per layer x site, ``split`` None).
+    the whole run (``by_split=False``: one row per layer x site, ``split`` None); LoRA arrays of
+    different widths in the two (two adapters' ranks, see ``unpaired``) are left out.
 
     Runs are Run objects or ``RUN[:VARIANT]`` references. ``positions="last"`` compares each
     example's last token (from ``last`` or ``all`` arrays alike); ``"answer"`` each example's
@@ -226,9 +236,12 @@ def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, posi
     else:
         check_same_tokens(a, b)
     both, only_a, only_b = compared_arrays(a, b, layers, sites)
+    skipped = unpaired(a, b, both)
+    both = [x for x in both if x not in skipped]
     if not both:
         raise LayerScopeError(f"{a.path} and {b.path} share no layer x site to compare (A has "
-                              f"{_names(only_a) or 'none selected'}; B has {_names(only_b) or 'none selected'})")
+                              f"{_names(only_a) or 'none selected'}; B has {_names(only_b) or 'none selected'}"
+                              + (f"; LoRA arrays of different ranks: {_names(skipped)}" if skipped else "") + ")")
     names = list(a.splits) if splits is None else list(splits)
     for s in names:
         if s not in a.splits:

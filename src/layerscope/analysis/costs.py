@@ -89,13 +89,20 @@ def block_weight_bytes(plan: Plan, compute_bytes: int) -> dict[str, int]:
 
 
 def chain_widths(plan: Plan) -> set[int]:
-    """The widths the capture jobs cut example spans by: the model's, and every LoRA module's of its adapter."""
+    """The widths the capture jobs cut example spans by (capture.run via architectures.chain_widths):
+    the model's, and every LoRA module's of its adapter and of each more adapter that is a variant."""
     from layerscope.config import adapter_modules
 
     lora = plan.lora
     if lora is None and plan.adapter is not None:
         lora = adapter_modules(plan.adapter, plan.model, plan.config["hub_cache"])
-    return Widths(plan.dims.hidden_size, plan.dims.intermediate_size, lora or {}).all()
+    out = Widths(plan.dims.hidden_size, plan.dims.intermediate_size, lora or {}).all()
+    for name, ref in plan.adapters.items():
+        more = plan.variant_lora.get(name)
+        if more is None:
+            more = adapter_modules(ref, plan.model, plan.config["hub_cache"], key=f"adapters.{name}.id")
+        out |= Widths(plan.dims.hidden_size, plan.dims.intermediate_size, more).all()
+    return out
 
 
 def window_tokens(offsets: np.ndarray, examples: int) -> int:

@@ -3,9 +3,10 @@
 The job reads the residual stream entering its block (or starts from the embeddings), stops
 the forward pass after the last layer it needs, and hands the stream leaving the block to the
 job above. Forward hooks give each captured array's rows to its router (router.py), which
-streams them into shard files. Variants (the adapter's model and the base model without it)
-run on the same tokens from the same load, one forward pass each per batch, into their own
-stores and boundaries.
+streams them into shard files. Variants (the adapter's model, the base model without it, and
+the model with one of the more adapters active instead, whose LoRA sites are its own) run on the
+same tokens from the same load, one forward pass each per batch, into their own stores and
+boundaries.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from layerscope.config import Block, dumps_stable
 from layerscope.data.dataset import load_answer_index, load_tokens
 from layerscope.errors import ModelError
 from layerscope.models.adapters import LORA_SITES, split_site
-from layerscope.models.architectures import Widths
+from layerscope.models.architectures import Widths, chain_widths
 from layerscope.models.loading import resolve_device, resolve_dtype
 from layerscope.store.layout import STORAGE_DTYPES, array_metadata, make_layout, prepare_array, write_marker
 from layerscope.store.shards import chunk_encoder, direct_io_supported, shard_key
@@ -63,6 +64,7 @@ class Variant:
     boundary_out: str | os.PathLike | None = None
     jobs: list[ArrayJob] = field(default_factory=list)
     chain: "Chain | None" = None
+    adapter: str | None = None  # one of the more adapters: the PEFT adapter active in its pass, whose LoRA it captures
 
 
 def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], widths: Widths,
@@ -115,7 +117,9 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     ``boundary_in`` (None: start from the embeddings) and write the one leaving it to ``boundary_out``.
 
     ``variants``: more forward passes on the same tokens, by name (``base``: the adapter
-    disabled), each ``{"store_root", "captures", "boundary_in", "boundary_out"}``.
+    disabled; a name in ``manifest["adapters"]``: that adapter active instead, its LoRA sites
+    read from its own A and B with its own ranks), each ``{"store_root", "captures",
+    "boundary_in", "boundary_out"}``.
     ``steer``: a steered run (``{"name", "layer", "strength", "positions", "vector"}``): the
     vector times the strength is added to the residual stream leaving ``layer`` (if this block
     holds it; above it, the steered stream arrives through the boundaries). A steered chain
@@ -143,20 +147,23 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
     token_ids, offsets = load_tokens(dataset_dir)
     answer_index = load_answer_index(dataset_dir, offsets)
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
-    widths = Widths.of(manifest)
     main = main_variant(manifest) if steer is None else f"steer-{steer['name']}"
+    more = manifest.get("adapters") or {}
     vs = [Variant(main, Path(store_root), captures, boundary_in, boundary_out)]
     for name, v in (variants or {}).items():
-        known = ("base", *(manifest.get("adapters") or {})) if main == "adapter" else ()
+        known = ("base", *more) if main == "adapter" else ()
         if name == main or name not in known:
             raise ModelError(f"capture: no variant {name!r} for this job (its main store holds {main!r}; "
                              f"variants: {', '.join(known) or 'none'})")
-        if any(split_site(s)[0] in LORA_SITES for _, s, _ in v["captures"]):
-            raise ModelError(f"capture: the {name} variant runs without the adapter: it has no LoRA sites")
-        vs.append(Variant(name, Path(v["store_root"]), v["captures"], v.get("boundary_in"), v.get("boundary_out")))
-    spans = part_examples(offsets, widths.all(), params["dtype"], params["parts"], params["store"], part)
+        if name == "base" and any(split_site(s)[0] in LORA_SITES for _, s, _ in v["captures"]):
+            raise ModelError("capture: the base variant runs without the adapter: it has no LoRA sites")
+        vs.append(Variant(name, Path(v["store_root"]), v["captures"], v.get("boundary_in"), v.get("boundary_out"),
+                          adapter=name if name in more else None))
+    # Every variant's arrays are cut from the same example spans, so they cover every variant's widths.
+    spans = part_examples(offsets, chain_widths(manifest), params["dtype"], params["parts"], params["store"], part)
     for v in vs:
-        v.jobs = plan_arrays(v.captures, params, widths, n_ex, n_tok, part)
+        # a more adapter's LoRA sites have its own modules and ranks; every other pass has the main adapter's
+        v.jobs = plan_arrays(v.captures, params, Widths.of(manifest, v.adapter), n_ex, n_tok, part)
         for j in v.jobs:
             j.array_dir = v.root / f"layer_{j.layer:02d}" / j.site
             j.variant = "" if v.name == main else v.name
@@ -355,7 +362,8 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
     for v in vs:
         for i, j in enumerate(v.jobs):
             v.chain.routers.append(Router(j, pool, writer, encode, direct, lane=lane, journal=journal))
-            handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, v=v, i=i: route(v, i, x)))
+            handles.append(S.attach(layer_mods[j.layer], j.layer, j.site, lambda x, v=v, i=i: route(v, i, x),
+                                    adapter=v.adapter))
             lane += 1
         if v.chain.output_path:
             v.chain.output = BoundaryWriter(v.chain.output_path, v.chain.tokens, m["hidden_size"], dtype_name,
@@ -371,7 +379,7 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
     # A base pass runs the adapter's model with the adapter switched off (PEFT's own switch); a
     # pass of one of the more adapters makes it the active one for that pass.
     passes = [(v, model.disable_adapter if v.name == "base" and hasattr(model, "disable_adapter")
-               else (lambda name=v.name: _active_adapter(model, name)) if v.name in (manifest.get("adapters") or {})
+               else (lambda name=v.adapter: _active_adapter(model, name)) if v.adapter is not None
                else contextlib.nullcontext) for v in vs]
     bs = params["batch_size"]
     left = params["padding_side"] == "left"

@@ -114,21 +114,30 @@ def _layer_mlp_hook(layer_module: nn.Module, down: nn.Module, site: str, sink: C
     return _Handles(pre, h)
 
 
-def _lora_hook(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None]):
-    """Hook the LoRA A (``lora_a``) or B (``lora_delta``, times the scaling) of an adapted module.
+def _lora_hook(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None],
+               adapter: str | None = None):
+    """Hook the LoRA A (``lora_a``) or B (``lora_delta``, times the scaling) of an adapted module:
+    those of PEFT adapter ``adapter`` (a LoraLayer keeps one A and B per loaded adapter, by name),
+    or of the active one.
 
     In eval mode the dropout before A is the identity, so A's output is the LoRA neurons'
-    activation. With the adapter disabled (a base variant) PEFT skips A and B: nothing fires.
+    activation. PEFT runs only the active adapter's A and B, so these hooks fire only in passes
+    where ``adapter`` is active; with the adapter disabled (a base variant) nothing fires.
     """
     kind, path = split_site(site)
     try:
         mod = layer_module.get_submodule(path)
     except AttributeError:
         raise ModelError(f"layer {layer}: no module {path!r} for site {site}") from None
-    names = list(getattr(mod, "active_adapters", None) or [])
-    if not names or not hasattr(mod, "lora_A") or names[0] not in mod.lora_A:
-        raise ModelError(f"layer {layer}: {path} carries no active LoRA adapter (site {site})")
-    name = names[0]
+    if adapter is None:
+        names = list(getattr(mod, "active_adapters", None) or [])
+        if not names or not hasattr(mod, "lora_A") or names[0] not in mod.lora_A:
+            raise ModelError(f"layer {layer}: {path} carries no active LoRA adapter (site {site})")
+        name = names[0]
+    elif not hasattr(mod, "lora_A") or adapter not in mod.lora_A:
+        raise ModelError(f"layer {layer}: {path} carries no LoRA adapter {adapter!r} (site {site})")
+    else:
+        name = adapter
     if getattr(mod, "use_dora", {}).get(name):
         raise ModelError(f"layer {layer}: {path} is a DoRA module; its added output is not scaling * B(A(x))")
     pre, unflatten = _unflattener(layer_module)
@@ -140,10 +149,12 @@ def _lora_hook(layer_module: nn.Module, layer: int, site: str, sink: Callable[[t
     return _Handles(pre, h)
 
 
-def attach(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None]):
-    """Register a hook that passes the site's [batch, seq, width] tensor to ``sink``; returns the handle."""
+def attach(layer_module: nn.Module, layer: int, site: str, sink: Callable[[torch.Tensor], None],
+           adapter: str | None = None):
+    """Register a hook that passes the site's [batch, seq, width] tensor to ``sink``; returns the handle.
+    ``adapter``: the PEFT adapter whose A and B a LoRA site reads (default: the active one)."""
     if split_site(site)[0] in LORA_SITES:
-        return _lora_hook(layer_module, layer, site, sink)
+        return _lora_hook(layer_module, layer, site, sink, adapter)
     if site == "resid_post":
         return layer_module.register_forward_hook(lambda m, a, o: sink(first_tensor(o)))
     if site == "attn_out":

@@ -53,15 +53,22 @@ def lora_modules(adapter_dir: str | os.PathLike) -> dict[int, dict[str, list[int
     return out
 
 
+_BUILTIN_MODULES: dict[tuple[str, int], dict[int, dict[str, list[int]]]] = {}
+
+
 def builtin_lora_modules(model_name: str, seed: int = 0) -> dict[int, dict[str, list[int]]]:
-    """``lora_modules`` of the built-in adapter on a built-in model (built in a scratch directory)."""
+    """``lora_modules`` of the built-in adapter on a built-in model (built in a scratch directory,
+    once per process: a plan with several built-in adapters builds each model once)."""
+    import copy
     import tempfile
 
     from layerscope.models import builtin
 
-    with tempfile.TemporaryDirectory() as tmp:
-        base = builtin.build_model(model_name, 0, Path(tmp) / "model")
-        return lora_modules(builtin.build_adapter(base, seed, Path(tmp) / "adapter"))
+    if (model_name, seed) not in _BUILTIN_MODULES:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = builtin.build_model(model_name, 0, Path(tmp) / "model")
+            _BUILTIN_MODULES[model_name, seed] = lora_modules(builtin.build_adapter(base, seed, Path(tmp) / "adapter"))
+    return copy.deepcopy(_BUILTIN_MODULES[model_name, seed])
 
 
 def split_site(site: str) -> tuple[str, str | None]:

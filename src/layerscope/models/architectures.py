@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from layerscope.errors import ModelError
 from layerscope.models.adapters import split_site
 
 
@@ -18,9 +19,11 @@ class Widths:
     lora: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # layer -> module -> [r, out]
 
     @classmethod
-    def of(cls, manifest: dict[str, Any]) -> "Widths":
-        """From a job manifest: the model's shape and the modules its adapter adapts."""
-        m, a = manifest["model"], manifest.get("adapter") or {}
+    def of(cls, manifest: dict[str, Any], adapter: str | None = None) -> "Widths":
+        """From a job manifest: the model's shape and the modules its adapter adapts (``adapter``:
+        one of the more adapters, ``manifest["adapters"][adapter]``, instead of the main one)."""
+        m = manifest["model"]
+        a = (manifest.get("adapter") if adapter is None else (manifest.get("adapters") or {}).get(adapter)) or {}
         return cls(m["hidden_size"], m["intermediate_size"],
                    {int(k): v for k, v in (a.get("modules") or {}).items()})
 
@@ -29,6 +32,9 @@ class Widths:
         output for lora_delta, the residual width for the others."""
         kind, module = split_site(site)
         if module is not None:
+            if module not in self.lora.get(layer, {}):
+                raise ModelError(f"layer {layer}: the adapter has no LoRA module {module!r} (site {site}); "
+                                 "re-plan the workflow")
             r, out = self.lora[layer][module]
             return r if kind == "lora_a" else out
         return self.intermediate if site == "mlp_act" else self.hidden
@@ -36,6 +42,15 @@ class Widths:
     def all(self) -> set[int]:
         """Every width an array of this run could have (the chain's example spans cover all their layouts)."""
         return {self.hidden, self.intermediate} | {w for mods in self.lora.values() for ro in mods.values() for w in ro}
+
+
+def chain_widths(manifest: dict[str, Any]) -> set[int]:
+    """The widths a job's example spans are cut by: every width an array of any of its variants could
+    have (the model's, and the LoRA modules' of the main adapter and of each more adapter)."""
+    out = Widths.of(manifest).all()
+    for name in manifest.get("adapters") or {}:
+        out |= Widths.of(manifest, name).all()
+    return out
 
 # Sparse mixture-of-experts models whose model_type does not say "moe".
 MOE_MODEL_TYPES = frozenset({
