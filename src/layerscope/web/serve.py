@@ -189,6 +189,14 @@ class Server(ThreadingHTTPServer):
         self.hosts = {f"{h}:{self.port}" for h in (HOST, "localhost")}
         self.origins = {f"http://{h}" for h in self.hosts}
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A browser dropping a keep-alive connection, or the server stopping under a connection
+        # that waits for its next request, is no error worth a traceback on the terminal; the
+        # ValueError is reading from the connection's file once it is closed.
+        if isinstance(sys.exc_info()[1], (ConnectionError, OSError, ValueError)):
+            return
+        super().handle_error(request, client_address)
+
 
 def make_server(run_dir: str | os.PathLike, port: int = 8080, max_body: int = MAX_BODY,
                 quiet: bool = False) -> Server:
