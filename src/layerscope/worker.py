@@ -356,7 +356,10 @@ def _send(sock: socket.socket, msg: dict, fds: list[int] | None = None) -> None:
 
 def _recv_exact(sock: socket.socket, n: int, buf: bytearray) -> bool:
     while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+        try:
+            chunk = sock.recv(n - len(buf))
+        except ConnectionResetError:  # the peer closed with data unread (a server exiting with jobs queued)
+            return False
         if not chunk:
             return False
         buf += chunk
@@ -644,14 +647,15 @@ def _rebind_stdio() -> None:
 
 def _fresh_process_state() -> None:
     """What a new process would have and a forked one does not: the job's thread counts (Snakemake
-    sets them per job; the libraries read them when the server imported them), a fresh numpy seed
-    and torch's initial generator state."""
+    sets them per job; the libraries read them when the server imported them) and fresh random
+    seeds for numpy and torch (a new process seeds both from the OS; forked children would all
+    draw the server's numbers)."""
     torch = sys.modules.get("torch")
     if torch is not None:
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:
             torch.set_num_threads(int(threads))
-        torch.default_generator.manual_seed(torch.initial_seed())
+        torch.default_generator.seed()
     np = sys.modules.get("numpy")
     if np is not None:
         np.random.seed()
