@@ -51,11 +51,13 @@ for line in sys.stdin:
 
 # A workflow script: run one step of tests/worker_steps.py through run_step.
 JOB = r"""
-import json, sys
+import json, os, sys, time
 from layerscope import steps
 from tests import worker_steps
 
 args = json.loads(sys.argv[1])
+while args.get("go") and not os.path.exists(args["go"]):  # jobs that should start at the same moment
+    time.sleep(0.001)
 steps.WARM_IMPORTS.extend(args.get("preload", []))
 kwargs = args["kwargs"]
 for k in args.get("tuples", []):
@@ -222,11 +224,18 @@ def test_errors_and_exit_codes_are_those_of_a_step_in_its_own_process(shared, sw
 
 
 def test_concurrent_jobs_start_one_server(fake):
-    jobs = [fake.submit("report", kwargs={"out": str(fake.dir / f"c{i}.json")}) for i in range(4)]
+    go = fake.dir / "go"
+    jobs = [fake.submit("report", kwargs={"out": str(fake.dir / f"c{i}.json")}, go=str(go)) for i in range(4)]
+    for j in jobs:
+        j.pid  # all four processes are up and waiting
+    time.sleep(1.0)  # for their imports (a longer or shorter wait only changes how close they start)
+    go.touch()
     assert [j.wait() for j in jobs] == [0] * 4, [j.stderr for j in jobs]
     servers = {json.loads((fake.dir / f"c{i}.json").read_text())["ppid"] for i in range(4)}
     assert len(servers) == 1 and servers == set(fake.servers())
     assert len(list((fake.runtime / "layerscope").glob("*.sock"))) == 1
+    # and no job started a server of its own that then found the socket taken
+    assert next((fake.runtime / "layerscope").glob("*.log")).read_text().count(" starting") == 1
 
 
 def test_the_server_exits_when_its_snakemake_dies(fake):

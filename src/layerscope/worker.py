@@ -396,6 +396,7 @@ def serve(args: dict) -> None:
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("warm worker %d starting", os.getpid())
     server = _Server(Path(args["socket"]), args["owner"], args["owner_start"], args["idle_s"])
     try:
         server.start(args["preload"], Path(args["refused"]))
