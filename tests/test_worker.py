@@ -56,6 +56,7 @@ from layerscope import steps
 from tests import worker_steps
 
 args = json.loads(sys.argv[1])
+os.umask(args.get("umask", 0o022))
 while args.get("go") and not os.path.exists(args["go"]):  # jobs that should start at the same moment
     time.sleep(0.001)
 steps.WARM_IMPORTS.extend(args.get("preload", []))
@@ -183,7 +184,7 @@ def test_a_step_in_the_worker_sees_what_it_would_see_in_its_own_process(shared, 
     for mode, extra in (("worker", {}), ("in-process", {worker.SWITCH: "0"})):
         out = tmp_path / f"{mode}.json"
         env = shared.env(LS_TEST_VALUE=f"value for {mode} ✓", TMPDIR=str(own_tmp), **extra)
-        job = shared.submit("report", cwd=cwd, env=env, stdin=f"input for {mode}",
+        job = shared.submit("report", cwd=cwd, env=env, stdin=f"input for {mode}", umask=0o027,
                             kwargs=kwargs | {"out": str(out)}, tuples=["pair"])
         assert job.wait() == 0, job.stderr
         seen = json.loads(out.read_text())
@@ -191,7 +192,7 @@ def test_a_step_in_the_worker_sees_what_it_would_see_in_its_own_process(shared, 
         assert seen["cwd"] == str(cwd)
         assert seen["env"]["LS_TEST_VALUE"] == f"value for {mode} ✓"
         assert seen["env"] == env
-        assert seen["tmpdir"] == str(own_tmp)
+        assert seen["tmpdir"] == str(own_tmp) and seen["umask"] == 0o027
         assert seen["stdin"] == f"input for {mode}"
         assert "step stdout" in job.stdout and "step stderr" in job.stderr
         assert seen["argv"][0] == str(shared.dir / "job.py") and json.loads(seen["argv"][1])["log"] == str(job.log)

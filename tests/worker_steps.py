@@ -16,7 +16,9 @@ from layerscope.worker import warm
 @warm
 def report(out: str, **kwargs) -> None:
     """What the step sees: its process, working directory, environment, arguments, stdio."""
-    Path(out).write_text(json.dumps({
+    umask = os.umask(0)
+    os.umask(umask)
+    Path(out).write_text(json.dumps({"umask": umask,
         "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "env": dict(os.environ), "argv": sys.argv,
         "kwargs": repr(kwargs), "tmpdir": tempfile.gettempdir(), "stdin": sys.stdin.read(),
     }))

@@ -103,8 +103,8 @@ def run(log_path: str, fn: Callable, kwargs: dict, runner: Callable, preload: li
         raise Unavailable(f"{SWITCH}=0")
     _check_platform()
     request = {"protocol": PROTOCOL, "fn": _ref(fn), "runner": _ref(runner), "kwargs": _to_json(kwargs, "kwargs"),
-               "cwd": os.getcwd(), "env": dict(os.environ), "argv": sys.argv, "log": os.path.abspath(log_path),
-               "pid": os.getpid()}
+               "cwd": os.getcwd(), "env": dict(os.environ), "argv": sys.argv, "umask": _umask(),
+               "log": os.path.abspath(log_path), "pid": os.getpid()}
     owner = job_owner()
     if owner is None or not _is_snakemake(owner):
         raise Unavailable("this job was not started by snakemake")
@@ -167,6 +167,12 @@ def _from_json(value: Any) -> Any:
     return json.loads(json.dumps(value), object_hook=lambda d: tuple(d[_TUPLE]) if d.keys() == {_TUPLE} else d)
 
 
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _is_snakemake(pid: int) -> bool:
     """Whether process ``pid`` runs snakemake (``snakemake ...``, ``python -m snakemake ...``)."""
     try:
@@ -202,8 +208,9 @@ def _key(preload: list[str]) -> str:
     import layerscope
 
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_IMPORT_ENV) and k not in _PER_JOB_ENV)
-    blob = [PROTOCOL, sys.executable, sys.version, list(sys.flags), _import_path(), os.path.dirname(layerscope.__file__),
-            preload, env]
+    me = os.stat(__file__)  # this file edited during a run: client and server must speak the same protocol
+    blob = [PROTOCOL, me.st_mtime_ns, me.st_size, sys.executable, sys.version, list(sys.flags), _import_path(),
+            os.path.dirname(layerscope.__file__), preload, env]
     return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:16]
 
 
@@ -595,6 +602,7 @@ class _Server:
             os.environ.update(req["env"])
             tempfile.tempdir = None  # gettempdir() caches; the job's TMPDIR wins
             os.chdir(req["cwd"])
+            os.umask(req["umask"])  # the server's own is 077
             sys.argv = req["argv"]
             _fresh_process_state()
             fn, runner = _resolve(req["fn"]), _resolve(req["runner"])
