@@ -183,7 +183,7 @@ def test_a_step_in_the_worker_sees_what_it_would_see_in_its_own_process(shared, 
     results = {}
     for mode, extra in (("worker", {}), ("in-process", {worker.SWITCH: "0"})):
         out = tmp_path / f"{mode}.json"
-        env = shared.env(LS_TEST_VALUE=f"value for {mode} ✓", TMPDIR=str(own_tmp), **extra)
+        env = shared.env(LS_TEST_VALUE=f"value for {mode} ✓", TMPDIR=str(own_tmp), CUDA_VISIBLE_DEVICES="3", **extra)
         job = shared.submit("report", cwd=cwd, env=env, stdin=f"input for {mode}", umask=0o027,
                             kwargs=kwargs | {"out": str(out)}, tuples=["pair"])
         assert job.wait() == 0, job.stderr
@@ -298,6 +298,19 @@ def test_torch_in_a_forked_child(shared, tmp_path):
         assert f["threads"] == 2 and f["sum"] == f["sum"]
         assert not f["bad_fork"] and not f["cuda_initialized"]
     assert facts["1"]["rand"] != facts["2"]["rand"]  # seeded afresh, as new processes are, not the server's draws
+
+
+def test_jobs_in_the_worker_claim_gpus_of_their_own(shared, tmp_path):
+    """Each job narrows CUDA_VISIBLE_DEVICES in its own (forked) process, as capture/gpus.py does."""
+    release = tmp_path / "release"
+    env = shared.env(CUDA_VISIBLE_DEVICES="0,1", LAYERSCOPE_GPU_LOCKS=str(tmp_path / "locks"))
+    outs = [tmp_path / f"gpu{i}.json" for i in range(2)]
+    jobs = [shared.submit("claim_gpu", env=env, kwargs={"out": str(o), "release": str(release)}) for o in outs]
+    claimed = [json.loads(wait_for(lambda o=o: o.is_file() and o.read_text(), "a claim")) for o in outs]
+    release.touch()
+    assert [j.wait() for j in jobs] == [0, 0]
+    assert all("running in the warm worker" in j.log.read_text() for j in jobs)
+    assert sorted(c["visible"] for c in claimed) == ["0", "1"] and {c["device"] for c in claimed} == {"cuda"}
 
 
 def test_where_the_worker_cannot_be_used_the_step_runs_in_its_own_process(shared, tmp_path):

@@ -66,3 +66,14 @@ def torch_facts(out: str, threads: int) -> None:
         a = torch.tanh(a @ a.T / 512)
     facts |= {"threads": torch.get_num_threads(), "sum": float(a.sum())}
     Path(out).write_text(json.dumps(facts))
+
+
+@warm
+def claim_gpu(out: str, release: str) -> None:
+    """Claim a GPU as a capture job does (capture/gpus.py), say which, hold it until ``release`` exists."""
+    from layerscope.capture.gpus import assign
+
+    device = assign("cuda")
+    Path(out).write_text(json.dumps({"device": device, "visible": os.environ["CUDA_VISIBLE_DEVICES"]}))
+    while not os.path.exists(release):
+        time.sleep(0.05)

@@ -258,7 +258,7 @@ def _connect(paths: _Paths, owner: int, preload: list[str]) -> socket.socket:
             paths.sock.unlink()  # a server that died without removing it
         args = {"path": _import_path(), "socket": str(paths.sock), "refused": str(paths.refused), "owner": owner,
                 "owner_start": process_start(owner), "preload": preload,
-                "idle_s": float(os.environ.get("LAYERSCOPE_WORKER_IDLE_S") or 60)}
+                "idle_s": _idle_s()}
         boot = ("import json, sys; a = json.loads(sys.argv[1]); sys.path[:] = a['path']; "
                 "from layerscope.worker import serve; serve(a)")
         with open(paths.log, "ab") as out:
@@ -276,6 +276,14 @@ def _connect(paths: _Paths, owner: int, preload: list[str]) -> socket.socket:
                 raise Unavailable(f"the warm worker did not start in {START_S:.0f} s (its log: {paths.log})")
             time.sleep(0.005)
         return s
+
+
+def _idle_s() -> float:
+    """Seconds a server waits for its next job: LAYERSCOPE_WORKER_IDLE_S, else 60."""
+    try:
+        return max(0.0, float(os.environ.get("LAYERSCOPE_WORKER_IDLE_S") or 60))
+    except ValueError:
+        return 60.0
 
 
 def _sweep(d: Path) -> None:
@@ -523,7 +531,14 @@ class _Server:
             return
         for h in logging.getLogger("layerscope").handlers:
             h.flush()
-        child = os.fork()
+        try:
+            child = os.fork()
+        except OSError as e:  # no memory or processes left: the client runs the step itself
+            log.error("cannot fork: %s", e)
+            for fd in fds + ([pidfd] if pidfd is not None else []):
+                os.close(fd)
+            conn.close()
+            return
         if child == 0:
             self._child(conn, req, fds, pid, pidfd)  # never returns
         for fd in fds + ([pidfd] if pidfd is not None else []):
