@@ -331,8 +331,8 @@ def test_where_the_worker_cannot_be_used_the_step_runs_in_its_own_process(shared
 def test_a_server_whose_imports_make_forking_unsafe_refuses_and_jobs_run_in_their_own_process(fake, tmp_path):
     threads = tmp_path / "mods"
     threads.mkdir()
-    (threads / "ls_starts_a_thread.py").write_text("import threading, time\n"
-                                                     "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
+    (threads / "ls_starts_a_thread.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
     env = fake.env(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO), str(threads)]))
     for i in range(2):
         out = tmp_path / f"r{i}.json"
@@ -360,7 +360,8 @@ def _store_files(run: Path) -> dict[str, bytes]:
     out = {}
     for p in sorted(run.rglob("*")):
         rel = str(p.relative_to(run))
-        if not p.is_file() or "/parts/" in rel or not rel.startswith(("activations.zarr", "boundaries", "model/weights")):
+        if not p.is_file() or "/parts/" in rel or not rel.startswith(("activations.zarr", "boundaries",
+                                                                          "model/weights")):
             continue
         data = p.read_bytes()
         if rel == "activations.zarr/zarr.json":

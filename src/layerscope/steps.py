@@ -27,8 +27,8 @@ log = logging.getLogger("layerscope.steps")
 # imports its own in the step, as it would anyway).
 WARM_IMPORTS = [
     "torch", "numpy", "zarr", "zarr.storage", "safetensors.torch", "tokenizers", "transformers",
-    "transformers.modeling_utils", "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
-    "peft",
+    "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto", "peft",
     *(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "qwen2", "gpt2", "opt", "mixtral", "mistral")),
     "layerscope.steps", "layerscope.capture.run", "layerscope.store.layout", "layerscope.models.builtin",
     "layerscope.steering.generate",
