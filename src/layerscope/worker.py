@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import fcntl
 import hashlib
 import importlib
@@ -713,11 +712,3 @@ def _exit_like_python(code: int) -> None:
         with contextlib.suppress(BaseException):
             f.flush()
     os._exit(code)
-
-
-def _main() -> None:  # pragma: no cover - for `python -m layerscope.worker` by hand
-    print(runtime_dir())
-
-
-if __name__ == "__main__":
-    _main()
