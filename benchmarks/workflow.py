@@ -19,7 +19,11 @@ that span starts after the interpreter and the step's module are imported, so it
 Python start-up). Prints a table, then one JSON line of medians and ratios:
 ``e2e_over_forward`` per layers_per_job, ``lpj1_over_all`` and ``stale_layer_over_full``.
 
-    PYTHONPATH=$PWD/src python benchmarks/workflow.py [--repeats 2] [--lpj 1 2 8] [--keep DIR]
+Model jobs run in the warm worker (layerscope/worker.py) unless LAYERSCOPE_WORKER=0; ``--worker
+both`` runs every workflow both ways, interleaved, and prints one table and JSON line per way
+(``"worker": "on"`` / ``"off"``).
+
+    PYTHONPATH=$PWD/src python benchmarks/workflow.py [--repeats 2] [--lpj 1 2 8] [--worker on|off|both] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -62,12 +66,16 @@ _WORDS = ("the quick brown fox jumps over lazy dog language model predicts next 
           "numbers 0 1 2 42 100 2024 3.5 answer options sure possibly true why when").split()
 
 
-def env() -> dict[str, str]:
-    """The environment of every snakemake run: offline, this checkout's package first."""
+def env(worker: str | None = None) -> dict[str, str]:
+    """The environment of every snakemake run: offline, this checkout's package first; ``worker``
+    "on" or "off" sets LAYERSCOPE_WORKER (None leaves it as it is)."""
     src = str(REPO / "src")
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": src if not path else (path if path.split(os.pathsep)[0] == src else f"{src}{os.pathsep}{path}")}
+    out = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": src if not path else (path if path.split(os.pathsep)[0] == src else f"{src}{os.pathsep}{path}")}
+    if worker is not None:
+        out["LAYERSCOPE_WORKER"] = "1" if worker == "on" else "0"
+    return out
 
 
 def make_texts(tokenizer, n: int, seq: int, seed: int = 0) -> list[str]:
@@ -100,12 +108,12 @@ def write_config(scratch: Path, cfg: dict[str, Any]) -> Path:
     return p
 
 
-def snakemake(scratch: Path, configfile: Path) -> tuple[float, str]:
+def snakemake(scratch: Path, configfile: Path, worker: str | None = None) -> tuple[float, str]:
     """Run the real CLI, ``--cores 2``; return its wall time and output; raise with its output tail if it fails."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(scratch),
            "--cores", "2", "--configfile", str(configfile), "--nocolor"]
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=scratch)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env(worker), cwd=scratch)
     wall = time.perf_counter() - t
     (scratch / f"snakemake_{time.time_ns()}.out").write_text(res.stdout + res.stderr)
     if res.returncode != 0:
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lpj", type=int, nargs="+", default=[1, 2, 8], help="capture.layers_per_job values")
     ap.add_argument("--sequences", type=int, default=SEQUENCES, help="examples in the data set (each 256 tokens)")
     ap.add_argument("--no-stale", action="store_true", help="skip the stale-layer re-run (and the lpj 1 run it needs)")
+    ap.add_argument("--worker", choices=["on", "off", "both"], default=None,
+                    help="model jobs in the warm worker or not (default: as LAYERSCOPE_WORKER says; both: each way)")
     ap.add_argument("--keep", default=None, help="scratch root to keep (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     root = Path(args.keep or tempfile.mkdtemp(prefix="ls-wfbench-"))
@@ -233,36 +243,44 @@ def run(args, root: Path) -> int:
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
     forward_seconds(model, ids, offsets[:3], CONFIG["capture"]["batch_size"])  # warm-up, two sequences
 
-    times: dict[str, list[float]] = {"forward": []}
-    jobs: dict[str, dict[str, dict[str, list[float]]]] = {}
+    modes = ["off", "on"] if args.worker == "both" else [args.worker]
+    times: dict[str | None, dict[str, list[float]]] = {m: {"forward": []} for m in modes}
+    jobs: dict[str | None, dict[str, dict[str, dict[str, list[float]]]]] = {m: {} for m in modes}
     for r in range(args.repeats):
-        times["forward"].append(forward_seconds(model, ids, offsets, CONFIG["capture"]["batch_size"]))
-        print(f"[{r}] forward {times['forward'][-1]:.2f} s", flush=True)
+        fwd = forward_seconds(model, ids, offsets, CONFIG["capture"]["batch_size"])
+        for m in modes:
+            times[m]["forward"].append(fwd)
+        print(f"[{r}] forward {fwd:.2f} s", flush=True)
         for lpj in args.lpj:
-            cfg = copy.deepcopy(CONFIG)
-            cfg["capture"]["layers_per_job"] = lpj
-            scratch = root / f"r{r}-lpj{lpj}"
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir()
-            cfgfile = write_inputs(scratch, texts, cfg)
-            t0 = time.time()
-            key = f"lpj={lpj}"
-            wall, text = snakemake(scratch, cfgfile)
-            times.setdefault(key, []).append(wall)
-            print(f"[{r}] {key} {wall:.2f} s", flush=True)
-            record(jobs, key, job_times(scratch, cfg["run"], t0, text))
-            if lpj == 1:
-                cfg["capture"].setdefault("overrides", {}).update(STALE_OVERRIDE)
-                write_config(scratch, cfg)
-                time.sleep(1.0)  # mtimes: the re-run's files must be newer than the full run's
+            for mode in modes:
+                tag = f" (worker {mode})" if mode else ""
+                cfg = copy.deepcopy(CONFIG)
+                cfg["capture"]["layers_per_job"] = lpj
+                scratch = root / f"r{r}-lpj{lpj}{'-' + mode if mode else ''}"
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir()
+                cfgfile = write_inputs(scratch, texts, cfg)
                 t0 = time.time()
-                wall, text = snakemake(scratch, cfgfile)
-                times.setdefault("stale", []).append(wall)
-                print(f"[{r}] stale layer {STALE_LAYER} re-run {wall:.2f} s", flush=True)
-                record(jobs, "stale", job_times(scratch, cfg["run"], t0, text))
-            if r + 1 < args.repeats or not args.keep:
-                shutil.rmtree(scratch / "results", ignore_errors=True)  # disk: keep only the last run's
-    report(times, jobs, args.lpj)
+                key = f"lpj={lpj}"
+                wall, text = snakemake(scratch, cfgfile, mode)
+                times[mode].setdefault(key, []).append(wall)
+                print(f"[{r}] {key}{tag} {wall:.2f} s", flush=True)
+                record(jobs[mode], key, job_times(scratch, cfg["run"], t0, text))
+                if lpj == 1:
+                    cfg["capture"].setdefault("overrides", {}).update(STALE_OVERRIDE)
+                    write_config(scratch, cfg)
+                    time.sleep(1.0)  # mtimes: the re-run's files must be newer than the full run's
+                    t0 = time.time()
+                    wall, text = snakemake(scratch, cfgfile, mode)
+                    times[mode].setdefault("stale", []).append(wall)
+                    print(f"[{r}] stale layer {STALE_LAYER} re-run{tag} {wall:.2f} s", flush=True)
+                    record(jobs[mode], "stale", job_times(scratch, cfg["run"], t0, text))
+                if r + 1 < args.repeats or not args.keep:
+                    shutil.rmtree(scratch / "results", ignore_errors=True)  # disk: keep only the last run's
+    for mode in modes:
+        if mode:
+            print(f"\n=== model jobs in the warm worker: {mode} ===")
+        report(times[mode], jobs[mode], args.lpj, mode)
     return 0
 
 
@@ -272,7 +290,7 @@ def record(jobs: dict, key: str, per_job: dict[str, dict[str, float]]) -> None:
             jobs.setdefault(key, {}).setdefault(name, {}).setdefault(kind, []).append(v)
 
 
-def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int]) -> None:
+def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int], worker: str | None = None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     fwd = med["forward"]
     print(f"\n{'measure':<14}{'median s':>10}{'x forward':>11}   runs")
@@ -306,6 +324,7 @@ def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int]) -> None:
         "stale_layer_over_full": round(med["stale"] / med["lpj=1"], 3) if "stale" in med else None,
         "capture_jobs_s": {k: round(v, 2) for k, v in capture_sums.items()},
         "repeats": len(times["forward"]),
+        "worker": worker or ("off" if os.environ.get("LAYERSCOPE_WORKER", "").strip() == "0" else "on"),
     }
     print(json.dumps(out))
 

@@ -1,7 +1,8 @@
 """The workflow's steps as plain functions; ``workflow/scripts/`` only pass the snakemake object's fields in.
 
 ``run_step`` turns a LayerScopeError into one clear message in the job's log and on stderr,
-and a non-zero exit, instead of a traceback.
+and a non-zero exit, instead of a traceback. Steps that load a model are marked ``@warm``: they
+run in a process forked from the warm worker (worker.py), which has imported torch already.
 """
 
 from __future__ import annotations
@@ -12,20 +13,52 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from layerscope import worker
 from layerscope.errors import LayerScopeError
 from layerscope.fileio import read_json, write_json
 from layerscope.logs import setup_logging
 from layerscope.watchdog import exit_with_parent
+from layerscope.worker import warm
 
 log = logging.getLogger("layerscope.steps")
+
+# What the warm worker imports before it forks a step: what the model steps import, and the
+# modeling code of the architectures LayerScope is tested on (a model of another architecture
+# imports its own in the step, as it would anyway).
+WARM_IMPORTS = [
+    "torch", "numpy", "zarr", "zarr.storage", "safetensors.torch", "tokenizers", "transformers",
+    "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto", "peft",
+    *(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "qwen2", "gpt2", "opt", "mixtral", "mistral")),
+    "layerscope.steps", "layerscope.capture.run", "layerscope.store.layout", "layerscope.models.builtin",
+    "layerscope.steering.generate",
+]
 
 
 def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Run one step with its log: a LayerScopeError becomes one clear message and exit 1; any other
     error is logged with its traceback (so the log says what happened) and exits 1 too. The step
-    stops, cleaning up, if the snakemake that started it dies (see watchdog.py)."""
-    setup_logging(log_path)
+    stops, cleaning up, if the snakemake that started it dies (see watchdog.py). A ``@warm`` step
+    runs in the warm worker where it can (then this returns None), else here."""
     exit_with_parent()
+    note = None
+    if worker.wanted(fn, kwargs):
+        try:
+            code = worker.run(log_path, fn, kwargs, _run_here, WARM_IMPORTS)
+        except worker.Unavailable as e:
+            note = f"running in the job's own process, not in the warm worker: {e}"
+        else:
+            if code:
+                sys.exit(code)
+            return None
+    return _run_here(log_path, fn, kwargs, note)
+
+
+def _run_here(log_path: str, fn: Callable[..., Any], kwargs: dict, note: str | None = None) -> Any:
+    """The step in this process (the job's own, or the warm worker's child for it)."""
+    setup_logging(log_path)
+    if note:
+        log.info("%s", note)
     try:
         return fn(**kwargs)
     except LayerScopeError as e:
@@ -36,6 +69,12 @@ def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         sys.exit(1)
 
 
+def _builtin(*specs: dict | None) -> bool:
+    """Whether any of these model/adapter specs is a built-in, which is generated with torch."""
+    return any(str((s or {}).get("id", "")).startswith("builtin:") for s in specs)
+
+
+@warm(when=lambda kw: _builtin(kw.get("model")))
 def fetch_model(model: dict, hub_cache: str | None, weights_dir: str, manifest_out: str) -> dict:
     """Resolve the model (built-in, local directory or hub snapshot) and write its manifest."""
     from layerscope.models.loading import fetch, parse_ref
@@ -49,6 +88,7 @@ def fetch_model(model: dict, hub_cache: str | None, weights_dir: str, manifest_o
     return m
 
 
+@warm(when=lambda kw: _builtin(kw.get("adapter"), *(kw.get("adapters") or {}).values()))
 def fetch_adapter(adapter: dict | None, model_manifest: str, hub_cache: str | None, adapter_dir: str,
                   manifest_out: str, adapters: dict | None = None) -> dict | None:
     """Resolve the adapter, if any, and the more adapters that are variants beside it; write their
@@ -100,6 +140,7 @@ def prepare_pass(manifest: str, task: dict, spec: dict, out_dir: str, trust_remo
     return _prepare(task, spec, load_tokenizer(load_manifest(manifest), trust_remote_code), out_dir)
 
 
+@warm
 def answer_pass(manifest: str, adapter: str, prompts_dir: str, out_dir: str, answers_out: str, spec: dict,
                 batch_size: int, device: str, dtype: str, trust_remote_code: bool) -> None:
     """A pass's answers (and replies) per question, and its data set for capture (passes/answers.py)."""
@@ -122,6 +163,7 @@ def pass_metadata(config: dict, manifest: str, adapter: str, examples: str, stor
     write_json(metadata_out, read_json(answers))
 
 
+@warm
 def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: dict, part: int, markers: list[str],
             device: str, group: str, threads: int, boundary_in: str | None = None,
             boundary_out: str | None = None, variant_boundaries: dict | None = None, steer: dict | None = None,
@@ -184,6 +226,7 @@ def steering_vector(spec: dict, base_dir: str, run_dir: str, num_layers: int, hi
     log.info("steering vector %s: %s, shape %s", Path(out).stem, info["source"], info["shape"])
 
 
+@warm
 def steering_generate(manifest: str, adapter: str, dataset_dir: str, target: dict, vector: str, examples: int,
                       max_new_tokens: int, device: str, dtype: str, trust_remote_code: bool, out: str) -> None:
     """Greedy continuations of the first examples, normal and steered (JSON lines)."""

@@ -1,0 +1,714 @@
+"""The warm worker: model steps run in a process forked from a server that has imported torch once.
+
+Every Snakemake job is a fresh ``python``, and a model step spends seconds importing torch,
+transformers and peft before a second of work; with one-layer capture blocks a chain of jobs pays
+that once per layer. So the first job that needs a model starts a server that imports them (and
+nothing more: no thread pool, no CUDA, no tokenizer runs before a fork), and every model job of
+the same Snakemake run is then forked from it in milliseconds.
+
+The job's own process (the client) stays what Snakemake started and waits for: it sends the
+server the step (module and name), its keyword arguments (JSON), its working directory, its whole
+environment, its log path and its stdin/stdout/stderr (SCM_RIGHTS). The server forks a child that
+takes all of those on, resets its signal handlers and runs the step as ``steps.run_step`` does in
+a process of its own; the client exits with the child's status. SIGTERM and SIGINT sent to the
+client reach the child (through the server, which knows when the child has ended); the child
+watches the client, so a client killed outright (SIGKILL) stops it too, with the usual clean-up.
+
+One server per Snakemake process and environment: its unix socket, in a private (0700) directory,
+is named by the Snakemake process's pid and a hash of the interpreter, ``sys.path``, the package's
+location and the environment variables read at import time, so another environment never gets a
+server that imported other code. A flock'ed lock file makes two jobs starting at once start one
+server. The server accepts only its own user (SO_PEERCRED), exits a few seconds after its
+Snakemake does, and after ``LAYERSCOPE_WORKER_IDLE_S`` (default 60) seconds without a job.
+
+Wherever it cannot be used (``LAYERSCOPE_WORKER=0``, not Linux, no fork or unix sockets, not run by
+Snakemake, no private directory, arguments that are not JSON, a server that failed to start) the
+step runs in its own process as before, and the job log says why in one line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from layerscope.logs import setup_logging
+from layerscope.watchdog import exit_with_process, job_owner, process_start
+
+log = logging.getLogger("layerscope.worker")
+
+SWITCH = "LAYERSCOPE_WORKER"  # "0" turns the worker off
+PROTOCOL = 1
+START_S = 60.0  # how long a client waits for a new server's socket
+GRACE_S = 10.0  # how long a server whose Snakemake is gone waits for its children to end
+_MAX_MSG = 64 << 20
+_HEADER = struct.Struct("!I")
+# Variables some library reads when it is imported (so in the server, once); a job with other
+# values needs another server. Thread counts are left out: Snakemake sets them per job, and the
+# child applies them itself (torch.set_num_threads) before the step runs.
+_IMPORT_ENV = ("PYTHON", "LD_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "PEFT_", "KMP_",
+               "MKL_", "OMP_", "OPENBLAS_", "XDG_CACHE_HOME")
+_PER_JOB_ENV = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"}
+_TUPLE = "__tuple__"
+
+
+class Unavailable(Exception):
+    """The worker cannot run this step (nothing has run); the message says why."""
+
+
+def warm(fn: Callable | None = None, *, when: Callable[[dict], bool] | None = None) -> Callable:
+    """Mark a step to run in the warm worker; ``when(kwargs)`` decides per call (e.g. only a
+    built-in model needs torch to be fetched)."""
+    def mark(f: Callable) -> Callable:
+        f.__layerscope_warm__ = when or True
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+def wanted(fn: Callable, kwargs: dict) -> bool:
+    """Whether ``fn`` called with ``kwargs`` is a warm step."""
+    mark = getattr(fn, "__layerscope_warm__", None)
+    return bool(mark(kwargs) if callable(mark) else mark)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client: the job's own process
+
+
+def run(log_path: str, fn: Callable, kwargs: dict, runner: Callable, preload: list[str]) -> int:
+    """Run ``runner(log_path, fn, kwargs, note)`` in a child of the warm server; returns the exit
+    status this process should exit with. Raises Unavailable, having run nothing, where the worker
+    cannot be used."""
+    if os.environ.get(SWITCH, "1").strip() == "0":
+        raise Unavailable(f"{SWITCH}=0")
+    _check_platform()
+    request = {"protocol": PROTOCOL, "fn": _ref(fn), "runner": _ref(runner), "kwargs": _to_json(kwargs, "kwargs"),
+               "cwd": os.getcwd(), "env": dict(os.environ), "argv": sys.argv, "umask": _umask(),
+               "log": os.path.abspath(log_path), "pid": os.getpid()}
+    owner = job_owner()
+    if owner is None or not _is_snakemake(owner):
+        raise Unavailable("this job was not started by snakemake")
+    paths = _Paths(runtime_dir(), owner, _key(preload))
+    for attempt in (1, 2):  # once more if a server closed (idle) just as this job connected
+        with _connect(paths, owner, preload) as sock:
+            try:
+                return _call(sock, request, log_path)
+            except _Closed:
+                if attempt == 2:
+                    raise Unavailable(f"the warm worker closed before running the step (its log: {paths.log})")
+    raise AssertionError("unreachable")
+
+
+class _Closed(Exception):
+    """The server closed the connection before it started the step."""
+
+
+def _check_platform() -> None:
+    if not sys.platform.startswith("linux"):
+        raise Unavailable(f"not on Linux ({sys.platform})")
+    if not (hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "SO_PEERCRED")
+            and hasattr(socket, "send_fds")):
+        raise Unavailable("no fork, unix sockets or SCM_RIGHTS here")
+
+
+def _ref(fn: Callable) -> list[str]:
+    """``[module, qualified name]``, which the server imports; refused for what it could not import."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    target = sys.modules.get(module) if module and module != "__main__" else None
+    for part in name.split("."):
+        target = getattr(target, part, None)
+    if target is not fn:
+        raise Unavailable(f"{module}.{name} cannot be imported by name")
+    return [module, name]
+
+
+def _to_json(value: Any, where: str) -> Any:
+    """``value`` as JSON, tuples tagged so they come back as tuples; Unavailable for anything else."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)  # a str subclass (Snakemake's file names) as a plain str
+    if isinstance(value, float) and type(value) is float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise Unavailable(f"{where} is {value}, not JSON")
+        return value
+    if isinstance(value, tuple) and type(value) is tuple:
+        return {_TUPLE: [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(type(k) is str for k in value) or _TUPLE in value:
+            raise Unavailable(f"{where} has keys JSON cannot carry")
+        return {k: _to_json(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise Unavailable(f"{where} is a {type(value).__name__}, not JSON")
+
+
+def _from_json(value: Any) -> Any:
+    return json.loads(json.dumps(value), object_hook=lambda d: tuple(d[_TUPLE]) if d.keys() == {_TUPLE} else d)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _is_snakemake(pid: int) -> bool:
+    """Whether process ``pid`` runs snakemake (``snakemake ...``, ``python -m snakemake ...``)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:4]
+    except OSError:
+        return False
+    return any(os.path.basename(a.decode(errors="replace")) == "snakemake" for a in args)
+
+
+def runtime_dir() -> Path:
+    """A directory only this user can enter: ``$XDG_RUNTIME_DIR/layerscope``, else
+    ``<temp dir>/layerscope-<uid>``."""
+    uid, last = os.getuid(), ""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    for d in ([Path(xdg) / "layerscope"] if xdg and os.path.isdir(xdg) else []) + \
+             [Path(tempfile.gettempdir()) / f"layerscope-{uid}"]:
+        try:
+            with contextlib.suppress(FileExistsError):
+                d.mkdir(mode=0o700)
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                raise OSError(f"not a directory of uid {uid}")
+            if st.st_mode & 0o077:
+                os.chmod(d, 0o700)
+            return d
+        except OSError as e:
+            last = f"{d}: {e}"
+    raise Unavailable(f"no private directory for its socket ({last})")
+
+
+def _key(preload: list[str]) -> str:
+    """What a server's imports depend on: interpreter, import path, package, import-time environment."""
+    import layerscope
+
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_IMPORT_ENV) and k not in _PER_JOB_ENV)
+    me = os.stat(__file__)  # this file edited during a run: client and server must speak the same protocol
+    blob = [PROTOCOL, me.st_mtime_ns, me.st_size, sys.executable, sys.version, list(sys.flags), _import_path(),
+            os.path.dirname(layerscope.__file__), preload, env]
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:16]
+
+
+def _import_path() -> list[str]:
+    return [os.path.abspath(p) for p in sys.path]  # "" and relative entries mean the client's cwd
+
+
+class _Paths:
+    """The files of one server: socket, start lock, log, and the reason it refused to serve."""
+
+    def __init__(self, d: Path, owner: int, key: str):
+        stem = d / f"{owner}-{key}"
+        self.dir, self.sock, self.lock = d, Path(f"{stem}.sock"), Path(f"{stem}.lock")
+        self.log, self.refused = Path(f"{stem}.log"), Path(f"{stem}.refused")
+        if len(os.fsencode(self.sock)) > 107:
+            raise Unavailable(f"its socket path is too long for a unix socket: {self.sock}")
+
+
+def _try_connect(path: Path) -> socket.socket | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except OSError:
+        s.close()
+        return None
+    uid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    if uid != os.getuid():
+        s.close()
+        raise Unavailable(f"{path} belongs to another user")
+    return s
+
+
+def _connect(paths: _Paths, owner: int, preload: list[str]) -> socket.socket:
+    """Connect to this Snakemake's server, starting it first if there is none."""
+    if (s := _try_connect(paths.sock)) is not None:
+        return s
+    with open(paths.lock, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one job at a time starts a server; the others then connect
+        if (s := _try_connect(paths.sock)) is not None:
+            return s
+        if paths.refused.is_file():
+            raise Unavailable(f"the warm worker refused to serve: {paths.refused.read_text().strip()}")
+        _sweep(paths.dir)
+        with contextlib.suppress(FileNotFoundError):
+            paths.sock.unlink()  # a server that died without removing it
+        args = {"path": _import_path(), "socket": str(paths.sock), "refused": str(paths.refused), "owner": owner,
+                "owner_start": process_start(owner), "preload": preload,
+                "idle_s": _idle_s()}
+        boot = ("import json, sys; a = json.loads(sys.argv[1]); sys.path[:] = a['path']; "
+                "from layerscope.worker import serve; serve(a)")
+        with open(paths.log, "ab") as out:
+            # Its own session (Snakemake's signals to this job's group are not for it), no stdio of
+            # this job (Snakemake would wait for the pipes to close), this interpreter's flags.
+            proc = subprocess.Popen([sys.executable, *subprocess._args_from_interpreter_flags(), "-c", boot,
+                                     json.dumps(args)], stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd="/",
+                                    start_new_session=True)
+        deadline = time.monotonic() + START_S
+        while (s := _try_connect(paths.sock)) is None:
+            if proc.poll() is not None:
+                raise Unavailable(f"the warm worker exited at start (status {proc.returncode}; its log: {paths.log})")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise Unavailable(f"the warm worker did not start in {START_S:.0f} s (its log: {paths.log})")
+            time.sleep(0.005)
+        return s
+
+
+def _idle_s() -> float:
+    """Seconds a server waits for its next job: LAYERSCOPE_WORKER_IDLE_S, else 60."""
+    try:
+        return max(0.0, float(os.environ.get("LAYERSCOPE_WORKER_IDLE_S") or 60))
+    except ValueError:
+        return 60.0
+
+
+def _sweep(d: Path) -> None:
+    """Remove the files of servers whose Snakemake is gone."""
+    for f in d.iterdir():
+        pid = f.name.split("-", 1)[0]
+        if pid.isdigit() and f.suffix in (".sock", ".lock", ".log", ".refused") and process_start(int(pid)) is None:
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
+def _stdio() -> list[int]:
+    """This process's stdin, stdout and stderr to hand over (/dev/null for one that is closed)."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open(os.devnull, os.O_RDWR))
+    return fds
+
+
+def _call(sock: socket.socket, request: dict, log_path: str) -> int:
+    """Send the step, wait for its child's status; signals to this process go to the child."""
+    got: list[int] = []
+
+    def forward(signum, frame) -> None:
+        got.append(signum)
+        with contextlib.suppress(OSError):
+            _send(sock, {"signal": signum})
+
+    try:
+        _send(sock, request, _stdio())
+    except OSError as e:
+        raise _Closed() from e
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        started = _recv(sock)
+        if started is None:
+            if got:  # stopped while the server was still starting: nothing ran, nothing to run
+                return 128 + got[0]
+            raise _Closed()
+        setup_logging(log_path, mode="a")  # the child writes the log; this process only adds to it
+        child = started["pid"]
+        done = _recv(sock)
+        if done is None:
+            log.error("the warm worker (pid %d) died while running the step (pid %d): stopping it",
+                      started["server"], child)
+            _stop(child)
+            return 1
+        code = os.waitstatus_to_exitcode(done["status"])
+        if code < 0:
+            log.error("the step's process (pid %d) was killed by %s", child, signal.Signals(-code).name)
+            return 128 - code
+        return code
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _stop(pid: int, wait_s: float = 60.0) -> None:
+    """SIGTERM an orphaned child (its server is gone) and wait for it to end."""
+    start = process_start(pid)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while start is not None and process_start(pid) == start and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages: a 4-byte length and JSON; the first one from a client carries its stdio
+
+
+def _send(sock: socket.socket, msg: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(msg).encode()
+    data = _HEADER.pack(len(data)) + data
+    if fds:
+        n = socket.send_fds(sock, [data], fds)  # the descriptors travel with the first byte
+        data = data[n:]
+    if data:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, n: int, buf: bytearray) -> bool:
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(n - len(buf))
+        except ConnectionResetError:  # the peer closed with data unread (a server exiting with jobs queued)
+            return False
+        if not chunk:
+            return False
+        buf += chunk
+    return True
+
+
+def _recv(sock: socket.socket, with_fds: bool = False) -> Any:
+    """One message (``(message, fds)`` with ``with_fds``); None (``(None, fds)``) if the peer closed."""
+    fds: list[int] = []
+    buf = bytearray()
+    if with_fds:
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
+        if not data:
+            return None, fds
+        buf += data
+    ok = _recv_exact(sock, _HEADER.size, buf)
+    if ok:
+        n = _HEADER.unpack(bytes(buf[:_HEADER.size]))[0]
+        if n > _MAX_MSG:
+            raise ValueError(f"message of {n} bytes")
+        ok = _recv_exact(sock, _HEADER.size + n, buf)
+    msg = json.loads(bytes(buf[_HEADER.size:])) if ok else None
+    return (msg, fds) if with_fds else msg
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+def serve(args: dict) -> None:
+    """The server's main (started by a client, in its own session, stdout/stderr to its log)."""
+    os.umask(0o077)
+    setup_logging(None)
+    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("warm worker %d starting", os.getpid())
+    server = _Server(Path(args["socket"]), args["owner"], args["owner_start"], args["idle_s"])
+    try:
+        server.start(args["preload"], Path(args["refused"]))
+        server.loop()
+    finally:
+        server.close()
+
+
+class _Server:
+    def __init__(self, sock_path: Path, owner: int, owner_start: int | None, idle_s: float):
+        self.path, self.owner, self.owner_start, self.idle_s = sock_path, owner, owner_start, idle_s
+        self.sel = selectors.DefaultSelector()
+        self.listener: socket.socket | None = None
+        self.ino: int | None = None
+        self.owner_fd: int | None = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.children: dict[int, socket.socket | None] = {}  # child pid -> its client's connection
+        self.conns: dict[socket.socket, int] = {}
+
+    def start(self, preload: list[str], refused: Path) -> None:
+        # Listen first (a client waits for the socket, and connections queue while imports run).
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.ino = os.stat(self.path).st_ino
+        self.listener.listen(64)
+        log.info("warm worker %d for snakemake %d at %s", os.getpid(), self.owner, self.path)
+        if self.owner_start is None or process_start(self.owner) != self.owner_start:
+            raise SystemExit("its snakemake is already gone")
+        with contextlib.suppress(OSError, AttributeError):
+            self.owner_fd = os.pidfd_open(self.owner)  # readable once snakemake exits
+        # An import that asks torch whether CUDA is there must not start CUDA (forked children could
+        # not use it): ask NVML instead. Children get the job's own environment back.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        t = time.perf_counter()
+        for name in preload:
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # a missing optional module: the child imports what it needs
+                log.warning("preload %s: %s: %s", name, type(e).__name__, e)
+        log.info("imported %d modules in %.2f s", len(preload), time.perf_counter() - t)
+        if (why := _fork_hazard()) is not None:
+            refused.write_text(why + "\n")
+            log.error("refusing to serve: %s", why)
+            raise SystemExit(1)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)  # a handler, so that the wakeup fd is written
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        if self.owner_fd is not None:
+            self.sel.register(self.owner_fd, selectors.EVENT_READ, "owner")
+
+    def loop(self) -> None:
+        last, closing = time.monotonic(), None
+        while True:
+            now = time.monotonic()
+            if closing is None and process_start(self.owner) != self.owner_start:
+                closing = now
+                log.info("snakemake %d is gone: no more jobs; %d running", self.owner, len(self.children))
+                self._unlisten()
+            if closing is not None and (not self.children or now - closing > GRACE_S):
+                return
+            if closing is None and not self.children and now - last > self.idle_s:
+                log.info("idle for %.0f s: exiting", self.idle_s)
+                return
+            for key, _ in self.sel.select(timeout=1.0):
+                last = time.monotonic()
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        while os.read(self.wake_r, 512):
+                            pass
+                elif key.data == "owner":
+                    self.sel.unregister(key.fileobj)  # the check above sees it
+                else:
+                    self._message(key.fileobj)
+            self._reap()
+
+    def _unlisten(self) -> None:
+        if self.listener is not None:
+            self.sel.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self.ino:  # not a newer server's
+                    self.path.unlink()
+
+    def close(self) -> None:
+        self._unlisten()
+        log.info("exiting")
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        fds: list[int] = []
+        pidfd = None
+        try:
+            conn.settimeout(10.0)  # a client sends its request at once
+            pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+            if uid != os.getuid():
+                log.warning("refused a connection from uid %d", uid)
+                conn.close()
+                return
+            req, fds = _recv(conn, with_fds=True)
+            if req is None or req.get("protocol") != PROTOCOL or req.get("pid") != pid or len(fds) != 3:
+                raise ValueError("not a request of this version")
+            with contextlib.suppress(OSError, AttributeError):
+                pidfd = os.pidfd_open(pid)  # the client is alive now: it waits for the answer
+        except (OSError, ValueError) as e:
+            log.warning("bad request: %s", e)
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
+        for h in logging.getLogger("layerscope").handlers:
+            h.flush()
+        try:
+            child = os.fork()
+        except OSError as e:  # no memory or processes left: the client runs the step itself
+            log.error("cannot fork: %s", e)
+            for fd in fds + ([pidfd] if pidfd is not None else []):
+                os.close(fd)
+            conn.close()
+            return
+        if child == 0:
+            self._child(conn, req, fds, pid, pidfd)  # never returns
+        for fd in fds + ([pidfd] if pidfd is not None else []):
+            os.close(fd)
+        log.info("job %d: %s.%s in pid %d", pid, *req["fn"], child)
+        self.children[child] = conn
+        self.conns[conn] = child
+        try:
+            _send(conn, {"started": True, "pid": child, "server": os.getpid()})
+            self.sel.register(conn, selectors.EVENT_READ, "conn")
+        except OSError:  # the client is gone already; the child sees that itself
+            self._drop(conn)
+
+    def _message(self, conn: socket.socket) -> None:
+        try:
+            msg = _recv(conn)
+        except (OSError, ValueError):
+            msg = None
+        if msg is None:  # the client closed or died; its child notices that on its own
+            self._drop(conn)
+            return
+        child = self.conns.get(conn)
+        sig = msg.get("signal")
+        if child in self.children and sig in (signal.SIGTERM, signal.SIGINT):
+            os.kill(child, sig)  # still our unreaped child: the pid cannot have been reused
+
+    def _drop(self, conn: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(conn)
+        child = self.conns.pop(conn, None)
+        if child in self.children:
+            self.children[child] = None
+        conn.close()
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            log.info("pid %d ended: %s", pid, os.waitstatus_to_exitcode(status))
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    _send(conn, {"status": status})
+                self._drop(conn)
+
+    def _child(self, conn: socket.socket, req: dict, fds: list[int], client: int, pidfd: int | None) -> None:
+        """In the forked child: become the job's process, run the step, exit; never returns."""
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            # The server's descriptors are not the job's (and an open client connection would hide
+            # the server's own death from the client).
+            self.sel.close()
+            for c in [*self.conns, conn]:
+                c.close()
+            if self.listener is not None:
+                self.listener.close()
+            for fd in (self.wake_r, self.wake_w, self.owner_fd):
+                if fd is not None:
+                    os.close(fd)
+            for h in logging.getLogger("layerscope").handlers:
+                h.close()
+            for i, fd in enumerate(fds):
+                os.dup2(fd, i)
+                if fd > 2:
+                    os.close(fd)
+            _rebind_stdio()
+            os.environ.clear()
+            os.environ.update(req["env"])
+            tempfile.tempdir = None  # gettempdir() caches; the job's TMPDIR wins
+            os.chdir(req["cwd"])
+            os.umask(req["umask"])  # the server's own is 077
+            sys.argv = req["argv"]
+            _fresh_process_state()
+            fn, runner = _resolve(req["fn"]), _resolve(req["runner"])
+            exit_with_process(client, f"the job's process (pid {client})", pidfd)
+            runner(req["log"], fn, _from_json(req["kwargs"]),
+                   f"running in the warm worker: server pid {os.getppid()}, step pid {os.getpid()}, "
+                   f"job pid {client}")
+            code = 0
+        except SystemExit as e:
+            code = _exit_code(e.code)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = 128 + signal.SIGINT
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            _exit_like_python(code)
+
+
+def _fork_hazard() -> str | None:
+    """Why forking this process would give children that cannot work, or None.
+
+    Threads of this interpreter would be lost in a child (with any lock they hold); CUDA started
+    here cannot be used in a child. A probe child checks what torch itself says about that.
+    """
+    if threading.active_count() > 1:
+        return f"the imports started {threading.active_count() - 1} Python thread(s)"
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if torch.cuda.is_initialized():
+        return "the imports initialised CUDA"
+    pid = os.fork()
+    if pid == 0:
+        bad = 0
+        with contextlib.suppress(BaseException):
+            bad = 3 if torch.cuda._is_in_bad_fork() else 0
+        os._exit(bad)
+    _, status = os.waitpid(pid, 0)
+    return None if os.waitstatus_to_exitcode(status) == 0 else "torch says a forked child could not use CUDA"
+
+
+def _rebind_stdio() -> None:
+    """New sys.stdin/stdout/stderr on the job's descriptors, buffered as Python would buffer them."""
+    enc, errors = sys.stdout.encoding if sys.stdout else "utf-8", sys.stdout.errors if sys.stdout else "strict"
+    sys.stdin = open(0, "r", encoding=enc, closefd=False)
+    sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, encoding=enc, errors=errors, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding=enc, errors="backslashreplace", closefd=False)
+
+
+def _fresh_process_state() -> None:
+    """What a new process would have and a forked one does not: the job's thread counts (Snakemake
+    sets them per job; the libraries read them when the server imported them) and fresh random
+    seeds for numpy and torch (a new process seeds both from the OS; forked children would all
+    draw the server's numbers)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))
+        torch.default_generator.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+
+
+def _resolve(ref: list[str]) -> Callable:
+    target: Any = importlib.import_module(ref[0])
+    for part in ref[1].split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _exit_code(code: Any) -> int:
+    """The status Python gives ``sys.exit(code)``."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _exit_like_python(code: int) -> None:
+    """Finish as an interpreter does (join threads, atexit, flush) without unwinding into the
+    server's frames, which belong to the server."""
+    with contextlib.suppress(BaseException):
+        threading._shutdown()  # joins non-daemon threads, stops executors, as at interpreter exit
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            f.flush()
+    os._exit(code)

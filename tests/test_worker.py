@@ -1,0 +1,387 @@
+"""The warm worker (worker.py): model steps forked from a server that has imported torch.
+
+Jobs here are started as Snakemake starts a script job: a process whose parent runs "snakemake"
+(a stand-in, so that the tests can kill it) calls ``steps.run_step``. Every server a test starts is
+stopped by killing its stand-in, and the test checks that it went.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from layerscope import steps, worker
+from layerscope.watchdog import process_start
+from tests.conftest import REPO, copy_inputs, run_snakemake
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm worker needs Linux")
+
+WAIT_S = 300  # generous: a server's first imports take seconds on a busy machine
+
+# Starts each job it reads from stdin (one JSON line each) as a child, as snakemake does; writes
+# the child's pid and, once it has ended, its exit status to files named by the job.
+FAKE_SNAKEMAKE = r"""
+import json, subprocess, sys, threading
+from pathlib import Path
+
+d = Path(sys.argv[1])
+
+def run(job):
+    stdin = open(job["stdin"], "rb") if job.get("stdin") else subprocess.DEVNULL
+    with open(d / f"{job['id']}.out", "wb") as out, open(d / f"{job['id']}.err", "wb") as err:
+        p = subprocess.Popen(job["argv"], env=job["env"], cwd=job["cwd"], stdin=stdin, stdout=out, stderr=err)
+        (d / f"{job['id']}.pid").write_text(str(p.pid))
+        rc = p.wait()
+    (d / f"{job['id']}.rc.tmp").write_text(str(rc))
+    (d / f"{job['id']}.rc.tmp").rename(d / f"{job['id']}.rc")
+
+for line in sys.stdin:
+    threading.Thread(target=run, args=(json.loads(line),)).start()
+"""
+
+# A workflow script: run one step of tests/worker_steps.py through run_step.
+JOB = r"""
+import json, os, sys, time
+from layerscope import steps
+from tests import worker_steps
+
+args = json.loads(sys.argv[1])
+os.umask(args.get("umask", 0o022))
+while args.get("go") and not os.path.exists(args["go"]):  # jobs that should start at the same moment
+    time.sleep(0.001)
+steps.WARM_IMPORTS.extend(args.get("preload", []))
+kwargs = args["kwargs"]
+for k in args.get("tuples", []):
+    kwargs[k] = tuple(kwargs[k])
+for k in args.get("sets", []):
+    kwargs[k] = set(kwargs[k])
+steps.run_step(args["log"], getattr(worker_steps, args["step"]), **kwargs)
+"""
+
+
+def wait_for(cond, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v := cond():
+            return v
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+class Job:
+    def __init__(self, fake: FakeSnakemake, name: str, log: Path):
+        self.fake, self.name, self.log = fake, name, log
+
+    def _file(self, ext: str) -> Path:
+        return self.fake.dir / f"{self.name}.{ext}"
+
+    @property
+    def pid(self) -> int:
+        return int(wait_for(lambda: self._file("pid").is_file() and self._file("pid").read_text(), "the job's pid"))
+
+    def wait(self) -> int:
+        return int(wait_for(lambda: self._file("rc").is_file() and self._file("rc").read_text(), f"job {self.name}"))
+
+    @property
+    def stdout(self) -> str:
+        return self._file("out").read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self._file("err").read_text()
+
+
+class FakeSnakemake:
+    """A process named snakemake that starts jobs; its own short runtime dir keeps its servers apart."""
+
+    def __init__(self, tmp: Path):
+        self.dir = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "snakemake").write_text(FAKE_SNAKEMAKE)
+        (tmp / "job.py").write_text(JOB)
+        self.runtime = Path(tempfile.mkdtemp(prefix="lsw"))  # short: unix socket paths are limited
+        self.proc = subprocess.Popen([sys.executable, str(tmp / "snakemake"), str(tmp)], stdin=subprocess.PIPE,
+                                     text=True)
+        self.count = 0
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != worker.SWITCH}
+        env |= {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "XDG_RUNTIME_DIR": str(self.runtime),
+                "OMP_NUM_THREADS": "1"}
+        return env | extra
+
+    def submit(self, step: str, cwd: Path | None = None, env: dict | None = None, stdin: str | None = None,
+               **args) -> Job:
+        self.count += 1
+        name = f"job{self.count}"
+        log = self.dir / f"{name}.log"
+        job = {"id": name, "argv": [sys.executable, str(self.dir / "job.py"),
+                                    json.dumps({"step": step, "log": str(log), **args})],
+               "env": env or self.env(), "cwd": str(cwd or self.dir)}
+        if stdin is not None:
+            (self.dir / f"{name}.in").write_text(stdin)
+            job["stdin"] = str(self.dir / f"{name}.in")
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return Job(self, name, log)
+
+    def servers(self) -> list[int]:
+        """Pids of the servers this stand-in's jobs started (from their logs)."""
+        pids = []
+        for f in (self.runtime / "layerscope").glob(f"{self.proc.pid}-*.log"):
+            pids += [int(m.group(1)) for m in re.finditer(r"layerscope.worker: warm worker (\d+) for", f.read_text())]
+        return pids
+
+    def kill(self) -> None:
+        """Kill it as a user would kill snakemake, and check its servers go with it."""
+        servers = self.servers()
+        self.proc.kill()
+        self.proc.wait()
+        for pid in servers:
+            wait_for(lambda: process_start(pid) is None, f"server {pid} to exit after its snakemake", timeout=120)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    f = FakeSnakemake(tmp_path / "sm")
+    yield f
+    f.kill()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One stand-in (and so one server) for the tests that need nothing of their own."""
+    f = FakeSnakemake(tmp_path_factory.mktemp("shared") / "sm")
+    yield f
+    f.kill()
+
+
+def report(fake: FakeSnakemake) -> tuple[Job, dict]:
+    out = fake.dir / f"report{fake.count + 1}.json"
+    job = fake.submit("report", kwargs={"out": str(out)})
+    assert job.wait() == 0, job.stderr
+    return job, json.loads(out.read_text())
+
+
+def test_a_step_in_the_worker_sees_what_it_would_see_in_its_own_process(shared, tmp_path):
+    cwd = tmp_path / "work dir"
+    cwd.mkdir()
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    kwargs = {"out": "", "pair": [1, "two"], "nested": {"a": [None, True, 1.5], "t": [["x", 2]]}}
+    results = {}
+    for mode, extra in (("worker", {}), ("in-process", {worker.SWITCH: "0"})):
+        out = tmp_path / f"{mode}.json"
+        env = shared.env(LS_TEST_VALUE=f"value for {mode} ✓", TMPDIR=str(own_tmp), CUDA_VISIBLE_DEVICES="3", **extra)
+        job = shared.submit("report", cwd=cwd, env=env, stdin=f"input for {mode}", umask=0o027,
+                            kwargs=kwargs | {"out": str(out)}, tuples=["pair"])
+        assert job.wait() == 0, job.stderr
+        seen = json.loads(out.read_text())
+        results[mode] = seen
+        assert seen["cwd"] == str(cwd)
+        assert seen["env"]["LS_TEST_VALUE"] == f"value for {mode} ✓"
+        assert seen["env"] == env
+        assert seen["tmpdir"] == str(own_tmp) and seen["umask"] == 0o027
+        assert seen["stdin"] == f"input for {mode}"
+        assert "step stdout" in job.stdout and "step stderr" in job.stderr
+        assert seen["argv"][0] == str(shared.dir / "job.py") and json.loads(seen["argv"][1])["log"] == str(job.log)
+        log = job.log.read_text()
+        if mode == "worker":
+            assert seen["pid"] != job.pid and seen["ppid"] in shared.servers()
+            assert f"running in the warm worker: server pid {seen['ppid']}, step pid {seen['pid']}, " \
+                   f"job pid {job.pid}" in log
+        else:
+            assert seen["pid"] == job.pid
+            assert "running in the job's own process, not in the warm worker: LAYERSCOPE_WORKER=0" in log
+    a, b = results["worker"], results["in-process"]
+    assert a["kwargs"] == b["kwargs"] and "'pair': (1, 'two')" in a["kwargs"]  # tuples stay tuples
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_errors_and_exit_codes_are_those_of_a_step_in_its_own_process(shared, switch):
+    env = shared.env(**{worker.SWITCH: switch})
+    job = shared.submit("fail", env=env, kwargs={"message": "data.jsonl:3: 'text' is empty"})
+    assert job.wait() == 1
+    for text in (job.stderr, job.log.read_text()):
+        assert "ERROR layerscope.steps: data.jsonl:3: 'text' is empty" in text
+        assert "Traceback" not in text
+    job = shared.submit("crash", env=env, kwargs={})
+    assert job.wait() == 1
+    assert "IndexError: list index out of range" in job.log.read_text()
+    job = shared.submit("exit_with", env=env, kwargs={"code": 3})
+    assert job.wait() == 3
+    assert ("running in the warm worker" in job.log.read_text()) == (switch == "1")
+
+
+def test_concurrent_jobs_start_one_server(fake):
+    go = fake.dir / "go"
+    jobs = [fake.submit("report", kwargs={"out": str(fake.dir / f"c{i}.json")}, go=str(go)) for i in range(4)]
+    for j in jobs:
+        j.pid  # all four processes are up and waiting
+    time.sleep(1.0)  # for their imports (a longer or shorter wait only changes how close they start)
+    go.touch()
+    assert [j.wait() for j in jobs] == [0] * 4, [j.stderr for j in jobs]
+    servers = {json.loads((fake.dir / f"c{i}.json").read_text())["ppid"] for i in range(4)}
+    assert len(servers) == 1 and servers == set(fake.servers())
+    assert len(list((fake.runtime / "layerscope").glob("*.sock"))) == 1
+    # and no job started a server of its own that then found the socket taken
+    assert next((fake.runtime / "layerscope").glob("*.log")).read_text().count(" starting") == 1
+
+
+def test_the_server_exits_when_its_snakemake_dies(fake):
+    job, seen = report(fake)
+    server = seen["ppid"]
+    sock = next((fake.runtime / "layerscope").glob("*.sock"))
+    assert process_start(server) is not None
+    fake.proc.kill()  # snakemake killed (SIGKILL): it cannot stop anything itself
+    fake.proc.wait()
+    wait_for(lambda: process_start(server) is None, "the server to exit", timeout=120)
+    assert not sock.exists()
+    assert "is gone: no more jobs" in next((fake.runtime / "layerscope").glob("*.log")).read_text()
+
+
+def test_a_killed_job_process_stops_its_step_which_cleans_up(shared, tmp_path):
+    for sig, rc in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 128 + signal.SIGTERM),
+                    (signal.SIGINT, 128 + signal.SIGINT)):
+        part = tmp_path / f"part-{sig.name}.tmp"
+        job = shared.submit("hold", kwargs={"tmp": str(part)})
+        step = int(wait_for(lambda: part.is_file() and part.read_text(), "the step to start"))
+        assert step != job.pid
+        os.kill(job.pid, sig)  # SIGKILL: Snakemake's own kill, or an OOM kill, of the job
+        assert job.wait() == rc
+        wait_for(lambda: not part.exists() and process_start(step) is None, "the step to stop and clean up")
+        if sig == signal.SIGKILL:
+            assert f"the job's process (pid {job.pid}) is gone: stopping" in job.log.read_text()
+
+
+def test_a_killed_step_is_a_failed_job(shared, tmp_path):
+    part = tmp_path / "part.tmp"
+    job = shared.submit("hold", kwargs={"tmp": str(part)})
+    step = int(wait_for(lambda: part.is_file() and part.read_text(), "the step to start"))
+    os.kill(step, signal.SIGKILL)  # as tests/test_resume.py kills the pid in a capture's journal
+    assert job.wait() == 128 + signal.SIGKILL
+    assert f"the step's process (pid {step}) was killed by SIGKILL" in job.log.read_text()
+
+
+def test_a_step_in_the_worker_stops_and_cleans_up_when_snakemake_dies(fake, tmp_path):
+    part = tmp_path / "part.tmp"
+    job = fake.submit("hold", kwargs={"tmp": str(part)})
+    step = int(wait_for(lambda: part.is_file() and part.read_text(), "the step to start"))
+    assert step != job.pid
+    fake.proc.kill()
+    wait_for(lambda: not part.exists() and process_start(step) is None, "the step to stop and clean up")
+    assert "the snakemake process that started this job is gone: stopping" in job.log.read_text()
+
+
+def test_torch_in_a_forked_child(shared, tmp_path):
+    facts = {}
+    for threads in ("1", "2"):  # the server was started by a job with OMP_NUM_THREADS=1
+        out = tmp_path / f"t{threads}.json"
+        job = shared.submit("torch_facts", env=shared.env(OMP_NUM_THREADS=threads),
+                            kwargs={"out": str(out), "threads": 2})
+        assert job.wait() == 0, job.stderr
+        assert "running in the warm worker" in job.log.read_text()
+        facts[threads] = json.loads(out.read_text())
+    for threads, f in facts.items():
+        assert f["default_threads"] == int(threads)  # as Snakemake's OMP_NUM_THREADS gives a new process
+        assert f["threads"] == 2 and f["sum"] == f["sum"]
+        assert not f["bad_fork"] and not f["cuda_initialized"]
+    assert facts["1"]["rand"] != facts["2"]["rand"]  # seeded afresh, as new processes are, not the server's draws
+
+
+def test_jobs_in_the_worker_claim_gpus_of_their_own(shared, tmp_path):
+    """Each job narrows CUDA_VISIBLE_DEVICES in its own (forked) process, as capture/gpus.py does."""
+    release = tmp_path / "release"
+    env = shared.env(CUDA_VISIBLE_DEVICES="0,1", LAYERSCOPE_GPU_LOCKS=str(tmp_path / "locks"))
+    outs = [tmp_path / f"gpu{i}.json" for i in range(2)]
+    jobs = [shared.submit("claim_gpu", env=env, kwargs={"out": str(o), "release": str(release)}) for o in outs]
+    claimed = [json.loads(wait_for(lambda o=o: o.is_file() and o.read_text(), "a claim")) for o in outs]
+    release.touch()
+    assert [j.wait() for j in jobs] == [0, 0]
+    assert all("running in the warm worker" in j.log.read_text() for j in jobs)
+    assert sorted(c["visible"] for c in claimed) == ["0", "1"] and {c["device"] for c in claimed} == {"cuda"}
+
+
+def test_where_the_worker_cannot_be_used_the_step_runs_in_its_own_process(shared, tmp_path):
+    out = tmp_path / "set.json"
+    job = shared.submit("report", kwargs={"out": str(out), "names": ["a"]}, sets=["names"])
+    assert job.wait() == 0, job.stderr
+    assert json.loads(out.read_text())["pid"] == job.pid
+    assert "not in the warm worker: kwargs['names'] is a set, not JSON" in job.log.read_text()
+    # not started by snakemake: run by this test directly
+    out = tmp_path / "direct.json"
+    res = subprocess.run([sys.executable, str(shared.dir / "job.py"), json.dumps(
+        {"step": "report", "log": str(tmp_path / "direct.log"), "kwargs": {"out": str(out)}})],
+        env=shared.env(), capture_output=True, text=True, timeout=WAIT_S)
+    assert res.returncode == 0, res.stderr
+    assert "not in the warm worker: this job was not started by snakemake" in (tmp_path / "direct.log").read_text()
+
+
+def test_a_server_whose_imports_make_forking_unsafe_refuses_and_jobs_run_in_their_own_process(fake, tmp_path):
+    threads = tmp_path / "mods"
+    threads.mkdir()
+    (threads / "ls_starts_a_thread.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
+    env = fake.env(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO), str(threads)]))
+    for i in range(2):
+        out = tmp_path / f"r{i}.json"
+        job = fake.submit("report", env=env, kwargs={"out": str(out)}, preload=["ls_starts_a_thread"])
+        assert job.wait() == 0, job.stderr
+        assert json.loads(out.read_text())["pid"] == job.pid
+        assert "not in the warm worker: the warm worker refused to serve: the imports started 1 Python thread(s)" \
+            in job.log.read_text()
+    assert len(fake.servers()) == 1  # the second job did not try again
+
+
+def test_which_steps_are_warm():
+    assert worker.wanted(steps.capture, {}) and worker.wanted(steps.steering_generate, {})
+    assert worker.wanted(steps.fetch_model, {"model": {"id": "builtin:llama-tiny"}})
+    assert not worker.wanted(steps.fetch_model, {"model": {"id": "/data/models/llama"}})
+    assert worker.wanted(steps.fetch_adapter, {"adapter": None, "adapters": {"c": {"id": "builtin:lora"}}})
+    assert not worker.wanted(steps.fetch_adapter, {"adapter": {"id": "org/lora"}, "adapters": None})
+    for torch_free in (steps.prepare_dataset, steps.store, steps.metadata, steps.summarize, steps.dashboard,
+                       steps.write_settings, steps.steering_vector, steps.steering_summary, steps.steering_page):
+        assert not worker.wanted(torch_free, {})
+
+
+def _store_files(run: Path) -> dict[str, bytes]:
+    """A run's store, boundaries and built-in weights, but not job ids and creation times."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        rel = str(p.relative_to(run))
+        if not p.is_file() or "/parts/" in rel or not rel.startswith(("activations.zarr", "boundaries",
+                                                                          "model/weights")):
+            continue
+        data = p.read_bytes()
+        if rel == "activations.zarr/zarr.json":
+            meta = json.loads(data)
+            del meta["attributes"]["layerscope"]["jobs"]
+            data = json.dumps(meta).encode()
+        out[rel] = data
+    return out
+
+
+def test_the_workflow_in_the_worker_writes_the_bytes_it_writes_without(demo, tmp_path):
+    """The demo (capture jobs in the warm worker) against the same run with LAYERSCOPE_WORKER=0."""
+    wd = copy_inputs(tmp_path / "own")
+    res = run_snakemake(wd, "--cores", "2", env={worker.SWITCH: "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for w, how in ((demo, "running in the warm worker"), (wd, "not in the warm worker: LAYERSCOPE_WORKER=0")):
+        logs = sorted((w / "logs/demo/capture").glob("*.log")) + [w / "logs/demo/fetch_model.log"]
+        assert logs and all(how in f.read_text() for f in logs)
+        assert "warm worker" not in (w / "logs/demo/store.log").read_text()
+    ours, theirs = _store_files(demo / "results/demo"), _store_files(wd / "results/demo")
+    assert any(k.startswith("model/weights") for k in ours) and any("/c/" in k for k in ours)
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if ours[k] != theirs[k]] == []
