@@ -80,7 +80,8 @@ for _name in PLAN.passes:
             params:
                 job=PLAN.job_params(_block),
                 group=_block.name,
-                store=pass_store(_name),
+                # the pass's directory holds its dataset/ and its store
+                store=lambda w, input: os.path.join(os.path.dirname(os.path.dirname(input.ids)), "activations.zarr"),
             threads: capture_threads()
             log:
                 f"logs/{RUN}/{_name}/capture/{_block.name}_part{{part}}.log",
