@@ -279,18 +279,7 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     """Validate ``config`` and resolve models, layers and per-layer settings; raise ConfigError if anything is off."""
     base = Path(base_dir).resolve()
     cfg = validate(config, load_schema(schema_path))
-    data = Path(cfg["dataset"]["path"])
-    data = data if data.is_absolute() else base / data
-    if not data.is_file():
-        raise ConfigError(f"config error: dataset.path: file {data} does not exist")
-    # Relative to the working directory where possible: moving a project must not re-run it.
-    cfg["dataset"]["path"] = str(data.relative_to(base)) if data.is_relative_to(base) else str(data)
-    fmt = cfg["dataset"]["format"]
-    if fmt == "auto" and data.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv"):
-        raise ConfigError(f"config error: dataset.format: cannot tell the format of {data.name} from its suffix; "
-                          "set dataset.format to jsonl or csv")
-    if fmt == "auto":  # resolved, so that naming the format a file already has re-runs nothing
-        cfg["dataset"]["format"] = "csv" if data.suffix.lower() == ".csv" else "jsonl"
+    data = resolve_data_file(cfg["dataset"], "dataset", base)
     if not cfg["dataset"]["name"]:
         cfg["dataset"]["name"] = data.stem
     try:
@@ -369,7 +358,7 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     cfg = json.loads(dumps_stable(cfg))
     settings = {L: json.loads(dumps_stable(v)) for L, v in settings.items()}
     steer = targets(cfg["steering"], dims.num_layers, base, {L: v["sites"] for L, v in settings.items()})
-    passes = plan_passes(cfg, base, raw, model.label)
+    passes = plan_passes(cfg, base, max_pos, model.label)
     if passes and len(cfg["capture"]["variants"]) > 1:
         raise ConfigError("config error: passes: prompted passes capture one model; capture.variants lists "
                           f"{', '.join(cfg['capture']['variants'])}: run each model as its own run and compare them "
@@ -385,7 +374,24 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
                 passes)
 
 
-def plan_passes(cfg: dict[str, Any], base: Path, raw: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
+def resolve_data_file(section: dict[str, Any], key: str, base: Path) -> Path:
+    """Check ``section["path"]`` (a data set or task file) exists; record it relative to the working
+    directory where possible (moving a project must not re-run it) and resolve ``format: auto``
+    from its suffix (so naming the format a file already has re-runs nothing)."""
+    data = Path(section["path"])
+    data = data if data.is_absolute() else base / data
+    if not data.is_file():
+        raise ConfigError(f"config error: {key}.path: file {data} does not exist")
+    section["path"] = str(data.relative_to(base)) if data.is_relative_to(base) else str(data)
+    if section["format"] == "auto":
+        if data.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv"):
+            raise ConfigError(f"config error: {key}.format: cannot tell the format of {data.name} from its suffix; "
+                              f"set {key}.format to jsonl or csv")
+        section["format"] = "csv" if data.suffix.lower() == ".csv" else "jsonl"
+    return data
+
+
+def plan_passes(cfg: dict[str, Any], base: Path, max_pos: Any, model: str) -> dict[str, dict[str, Any]]:
     """Resolve the prompted passes (built-in defaults, templates checked) and the task they read."""
     from layerscope.passes.prompts import resolve_pass
 
@@ -395,17 +401,7 @@ def plan_passes(cfg: dict[str, Any], base: Path, raw: dict[str, Any], model: str
     if task is None:
         raise ConfigError("config error: passes: the passes need questions; set task.path (a JSONL or CSV file of "
                           "question, options, answer records)")
-    data = Path(task["path"])
-    data = data if data.is_absolute() else base / data
-    if not data.is_file():
-        raise ConfigError(f"config error: task.path: file {data} does not exist")
-    task["path"] = str(data.relative_to(base)) if data.is_relative_to(base) else str(data)
-    if task["format"] == "auto":
-        if data.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv"):
-            raise ConfigError(f"config error: task.format: cannot tell the format of {data.name} from its suffix; "
-                              "set task.format to jsonl or csv")
-        task["format"] = "csv" if data.suffix.lower() == ".csv" else "jsonl"
-    max_pos = raw.get("max_position_embeddings") or raw.get("n_positions") or raw.get("n_ctx")
+    resolve_data_file(task, "task", base)
     out = {}
     for name, spec in cfg["passes"].items():
         p = resolve_pass(name, spec or {})

@@ -82,7 +82,6 @@ def answer_pass(manifest: dict[str, Any], prompts_dir: str, out_dir: str, answer
         torch.manual_seed(int(gen.get("seed", 0)))  # the batches are fixed, so the draws are too
     n = len(offsets) - 1
     replies: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n
-    logits_at = np.zeros((n, 0), dtype=np.float32)
     rows: list[np.ndarray] = []
     with torch.inference_mode(), tqdm(total=n, desc=f"answer {spec['name']}", unit="question", mininterval=1.0) as bar:
         for b0 in range(0, n, batch_size):
@@ -109,7 +108,7 @@ def answer_pass(manifest: dict[str, Any], prompts_dir: str, out_dir: str, answer
                 last = model(input_ids=xt, attention_mask=mt, position_ids=pos, use_cache=False, **kw).logits[:, -1]
             rows.append(last.float().cpu().numpy())
             bar.update(len(seqs))
-    logits_all = np.concatenate(rows) if rows else logits_at
+    logits_all = np.concatenate(rows)  # a task has at least one question
     records, ids_list = [], []
     for e, ex in enumerate(examples):
         ch = info["choices"][e]
@@ -149,8 +148,6 @@ def answer_pass(manifest: dict[str, Any], prompts_dir: str, out_dir: str, answer
         ex.update(n_tokens=n_all, n_tokens_full=n_all, prompt_tokens=n_p, output_tokens=int(len(reply)),
                   answer_token_index=n_p - 1, spans={"prompt": [[0, n_p]], "response": [[n_p, n_all]] if len(reply) else []})
         ex.pop("features", None)
-    for ex in examples:
-        ex.pop("index", None)
     write_tokenized(out_dir, examples, ids_list, prompts_dir,
                     answer_index=np.array([r["answer_token_index"] for r in records], dtype=np.int64))
     write_json(answers_out, records)
