@@ -10,7 +10,7 @@ CPU. Interleaved and repeated in one process, each timed from loaded model on:
 
 Prints generated tokens per second of each, and ``ratio = pass / loop`` (time); then one JSON line.
 
-    python benchmarks/passes.py [--questions 64] [--new 32] [--batch-size 8] [--repeats 3]
+    python benchmarks/passes.py [--questions 64] [--new 32] [--batch-size 8] [--repeats 3] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="builtin:llama-512")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
+    dev = args.device
     tmp = Path(tempfile.mkdtemp(prefix="ls-passes-"))
     try:
         m = fetch(parse_ref({"id": args.model}), tmp / "model")
         manifest = {"model": m, "adapter": None}
-        model, tok = load_model(manifest)
+        model, tok = load_model(manifest, dev)
         task = {"path": str(tmp / "q.jsonl"), "format": "jsonl", "default_split": "all", "max_length": 512,
                 "chat": "auto"}
         Path(task["path"]).write_text("".join(json.dumps(q) + "\n" for q in questions(args.questions)))
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
 
         def run_pass() -> int:
             recs = answer_pass(manifest, str(tmp / "prompts"), str(tmp / "out"), str(tmp / "answers.json"), spec,
-                               args.batch_size, loaded=(model, tok))
+                               args.batch_size, device=dev, loaded=(model, tok))
             return sum(r["output_tokens"] for r in recs)
 
         def run_loop() -> int:
@@ -81,8 +83,8 @@ def main(argv=None) -> int:
                     for i, s in enumerate(seqs):
                         x[i, w - len(s):] = torch.from_numpy(s)
                         mask[i, w - len(s):] = 1
-                    out = model.generate(x, attention_mask=mask, max_new_tokens=args.new, do_sample=False,
-                                         pad_token_id=pad)
+                    out = model.generate(x.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.new,
+                                         do_sample=False, pad_token_id=pad)
                     n += int((out[:, w:] != pad).sum())
             return n
 
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
             n = 0
             with torch.inference_mode():
                 for s in prompts:
-                    x = torch.from_numpy(s)[None]
+                    x = torch.from_numpy(s)[None].to(dev)
                     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new,
                                          do_sample=False, pad_token_id=pad)
                     n += out.shape[1] - x.shape[1]
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         ratio = med["pass"] / med["loop"]
         print(f"pass / loop = {ratio:.3f}; pass / one_by_one = {med['pass'] / med['one_by_one']:.3f}")
         print(json.dumps({"benchmark": "passes", "questions": args.questions, "new_tokens": args.new,
-                          "batch_size": args.batch_size, "seconds": {k: round(v, 4) for k, v in med.items()},
+                          "batch_size": args.batch_size, "device": dev, "seconds": {k: round(v, 4) for k, v in med.items()},
                           "tokens_per_s": {k: round(tokens[k] / med[k], 1) for k in fns},
                           "ratio_pass_vs_loop": round(ratio, 4),
                           "ratio_pass_vs_one_by_one": round(med["pass"] / med["one_by_one"], 4)}))

@@ -23,7 +23,10 @@ Model jobs run in the warm worker (layerscope/worker.py) unless LAYERSCOPE_WORKE
 both`` runs every workflow both ways, interleaved, and prints one table and JSON line per way
 (``"worker": "on"`` / ``"off"``).
 
-    PYTHONPATH=$PWD/src python benchmarks/workflow.py [--repeats 2] [--lpj 1 2 8] [--worker on|off|both] [--keep DIR]
+``--device cuda`` runs the floor and the capture jobs on the GPU (the model's float32 weights).
+
+    PYTHONPATH=$PWD/src python benchmarks/workflow.py [--repeats 2] [--lpj 1 2 8] [--worker on|off|both]
+                                                      [--sequences N] [--device cpu|cuda] [--cores 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -108,10 +111,13 @@ def write_config(scratch: Path, cfg: dict[str, Any]) -> Path:
     return p
 
 
+CORES = 2  # snakemake --cores (--cores sets it)
+
+
 def snakemake(scratch: Path, configfile: Path, worker: str | None = None) -> tuple[float, str]:
-    """Run the real CLI, ``--cores 2``; return its wall time and output; raise with its output tail if it fails."""
+    """Run the real CLI, ``--cores CORES``; return its wall time and output; raise with its output tail if it fails."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(scratch),
-           "--cores", "2", "--configfile", str(configfile), "--nocolor"]
+           "--cores", str(CORES), "--configfile", str(configfile), "--nocolor"]
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env(worker), cwd=scratch)
     wall = time.perf_counter() - t
@@ -185,7 +191,8 @@ def job_times(scratch: Path, run: str, since: float = 0.0, output: str = "") -> 
 
 
 def forward_seconds(model, ids, offsets, bs: int) -> float:
-    """The bare decoder forward over every sequence, batches of ``bs`` (all sequences are SEQ_LEN long here)."""
+    """The bare decoder forward over every sequence, batches of ``bs`` (all sequences are SEQ_LEN long
+    here), on the model's device; the token ids start on the host, as a capture job's do."""
     import numpy as np
     import torch
 
@@ -196,11 +203,14 @@ def forward_seconds(model, ids, offsets, bs: int) -> float:
     t = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(x), bs):
-            decoder(input_ids=x[b:b + bs], use_cache=False)  # as the capture runs it: no KV cache
+            decoder(input_ids=x[b:b + bs].to(model.device), use_cache=False)  # as the capture runs it: no KV cache
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
+    global CORES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--lpj", type=int, nargs="+", default=[1, 2, 8], help="capture.layers_per_job values")
@@ -209,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", choices=["on", "off", "both"], default=None,
                     help="model jobs in the warm worker or not (default: as LAYERSCOPE_WORKER says; both: each way)")
     ap.add_argument("--keep", default=None, help="scratch root to keep (default: a temp dir, removed)")
+    ap.add_argument("--device", default="cpu", help="capture.device of the workflow and the floor's device (cpu, cuda)")
+    ap.add_argument("--cores", type=int, default=CORES, help="snakemake --cores")
     args = ap.parse_args(argv)
+    CORES = args.cores
+    CONFIG["capture"]["device"] = args.device
     root = Path(args.keep or tempfile.mkdtemp(prefix="ls-wfbench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -232,7 +246,7 @@ def run(args, root: Path) -> int:
     t = time.perf_counter()
     model_dir = root / "model"
     manifest = {"model": fetch(parse_ref(CONFIG["model"]), model_dir / "weights"), "adapter": None}
-    model, tok = load_model(manifest, device="cpu", dtype=CONFIG["model"]["dtype"])
+    model, tok = load_model(manifest, device=args.device, dtype=CONFIG["model"]["dtype"])
     texts = make_texts(tok, args.sequences, SEQ_LEN)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"id": f"s{i}", "text": s}) + "\n" for i, s in enumerate(texts)))
@@ -240,7 +254,7 @@ def run(args, root: Path) -> int:
     ids, offsets = load_tokens(model_dir / "dataset")
     setup = time.perf_counter() - t
     print(f"setup (model, data, tokens: {len(offsets) - 1} x {SEQ_LEN}) {setup:.1f} s; "
-          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, device {args.device}", flush=True)
     forward_seconds(model, ids, offsets[:3], CONFIG["capture"]["batch_size"])  # warm-up, two sequences
 
     modes = ["off", "on"] if args.worker == "both" else [args.worker]
@@ -324,6 +338,8 @@ def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int], worker: s
         "stale_layer_over_full": round(med["stale"] / med["lpj=1"], 3) if "stale" in med else None,
         "capture_jobs_s": {k: round(v, 2) for k, v in capture_sums.items()},
         "repeats": len(times["forward"]),
+        "device": CONFIG["capture"]["device"],
+        "cores": CORES,
         "worker": worker or ("off" if os.environ.get("LAYERSCOPE_WORKER", "").strip() == "0" else "on"),
     }
     print(json.dumps(out))

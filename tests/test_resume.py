@@ -64,7 +64,7 @@ def kill_after(args: dict, shards: int, timeout: float = 120) -> int:
             "run_capture(**json.load(open(sys.argv[1])))")
     journal = progress_dir(args["store_root"]) / f"{args['group']}_part0.jsonl"
     proc = subprocess.Popen([sys.executable, "-c", code, str(spec)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])})
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

@@ -116,7 +116,9 @@ class FakeSnakemake:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != worker.SWITCH}
-        env |= {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "XDG_RUNTIME_DIR": str(self.runtime),
+        # Keep an inherited PYTHONPATH last: some machines bring packages (zarr, snakemake) through it.
+        path = [str(REPO / "src"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env |= {"PYTHONPATH": os.pathsep.join(path), "XDG_RUNTIME_DIR": str(self.runtime),
                 "OMP_NUM_THREADS": "1"}
         return env | extra
 

@@ -283,11 +283,12 @@ def metadata(config: dict, manifest: str, adapter: str, examples: str, store: st
     write_metadata(config, load_manifest(manifest, adapter), examples, store, metadata_out, run_config_out)
 
 
-def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool = False) -> None:
+def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool = False, threads: int = 1) -> None:
     from layerscope.analysis.summaries import summarize as _summarize
     from layerscope.packed import pack
 
-    write_json(out, pack(_summarize(run_dir, **dashboard, trust_remote_code=trust_remote_code)), indent=None)
+    summary = _summarize(run_dir, **dashboard, trust_remote_code=trust_remote_code, workers=threads)
+    write_json(out, pack(summary), indent=None)
 
 
 def dashboard(summary: str, out: str) -> None:

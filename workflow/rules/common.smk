@@ -169,12 +169,17 @@ def source_params(key, name=None):
     }
 
 
-def capture_threads():
-    """Threads of a capture job: capture.threads, else every core Snakemake may use (--cores;
-    inside a cluster job, the cores it was given). A cluster executor has no --cores: there the
-    profile sets the threads (set-threads for `capture`), else a job asks for one core."""
+def host_cores():
+    """Every core Snakemake may use (--cores; inside a cluster job, the cores it was given). A
+    cluster executor has no --cores: there the profile sets a rule's threads (set-threads), else
+    a job asks for one core."""
     cores = workflow.resource_settings.cores
-    return config["capture"]["threads"] or (cores if cores and cores != sys.maxsize else 1)
+    return cores if cores and cores != sys.maxsize else 1
+
+
+def capture_threads():
+    """Threads of a capture job: capture.threads, else every core (host_cores)."""
+    return config["capture"]["threads"] or host_cores()
 
 
 def apply_capture_overrides(names):

@@ -11,6 +11,8 @@ rule summarize:
         f"logs/{RUN}/summarize.log",
     benchmark:
         f"{RESULTS}/benchmarks/summarize.tsv"
+    # Layers are summarised in parallel, one process each (on a cluster: set-threads).
+    threads: host_cores()
     resources:
         mem_mb=4000,
     conda:

@@ -4,20 +4,24 @@ neurons (lora.py), and the token texts they show.
 
 The result is a dict of plain values and numpy arrays (``layerscope.packed`` writes it as JSON);
 layerscope.web.page documents its shape. Everything is computed shard by shard, so memory stays
-bounded whatever the run's size.
+bounded whatever the run's size. Layers are independent: with ``workers`` > 1 their norms and
+neuron statistics are computed in that many forked processes, and the results are put together
+(docs, token texts, output tokens) here, in layer order, so the summary does not depend on it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import multiprocessing
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from layerscope.analysis import neurons as nz
 from layerscope.analysis.lora import lora_summaries
-from layerscope.analysis.norms import NORM_SITES, diff_norms, site_norms
+from layerscope.analysis.norms import NORM_SITES, diff_norms, row_norms, site_norms
 from layerscope.store.reader import Run
 
 log = logging.getLogger("layerscope.analysis.summaries")
@@ -25,6 +29,30 @@ log = logging.getLogger("layerscope.analysis.summaries")
 HIST_BINS = 32
 RANGES = 5  # activation ranges a card samples one example from each (sae_vis's "samples across ranges")
 TOKEN_TOP = 3  # neurons listed for a token x layer heatmap cell
+
+
+# The run forked workers read: set before the pool forks, so children inherit it open (a Run, or a
+# test's stand-in with its interface, need not be picklable).
+_RUN: Any = None
+
+
+def map_layers(run: Any, fn: Callable[[Any, int], Any], layers: list[int], workers: int) -> Iterator[Any]:
+    """``fn(run, L)`` for each layer, in order: in this process, or in ``workers`` forked ones."""
+    global _RUN
+    if workers <= 1 or len(layers) < 2:
+        yield from (fn(run, L) for L in layers)
+        return
+    _RUN = run
+    try:
+        # fork, not spawn: a Snakemake script is __main__, and spawn would run it again in each child
+        with multiprocessing.get_context("fork").Pool(min(workers, len(layers))) as pool:
+            yield from pool.imap(partial(_call, fn), layers)
+    finally:
+        _RUN = None
+
+
+def _call(fn: Callable[[Any, int], Any], layer: int) -> Any:
+    return fn(_RUN, layer)
 
 
 def pick_examples(run: Run, n: int) -> list[int]:
@@ -129,15 +157,22 @@ def other_variants(run: Run) -> list[Run]:
     return out
 
 
-def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_columns: int) -> dict[str, Any]:
+def _layer_norms(site: str, run: Run, layer: int) -> np.ndarray:
+    return row_norms(run.activations(layer, site))
+
+
+def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_columns: int,
+                   workers: int = 1) -> dict[str, Any]:
     """The heatmaps' data for every norm site the run captured (see norms.site_norms)."""
     chosen = pick_examples(run, heatmap_examples)
     columns = pick_examples(run, example_columns)
     sites = {}
     for site in NORM_SITES:
-        if any(s == site for _, s in run.arrays):
+        layers = [L for L, s in run.arrays if s == site]
+        if layers:
             log.info("norms of %s", site)
-            sites[site] = site_norms(run, site, chosen, columns)
+            norms = dict(zip(layers, map_layers(run, partial(_layer_norms, site), layers, workers)))
+            sites[site] = site_norms(run, site, chosen, columns, norms_of=norms.pop)
     for other in other_variants(run):
         for site in NORM_SITES:
             log.info("norms of %s: %s - %s", site, run.variant, other.variant)
@@ -149,33 +184,55 @@ def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_column
             "columns": np.array([texts.example(e) for e in columns], np.int64)}
 
 
-def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int, neurons_per_layer: int,
-                     output_tokens: int, token_examples: list[int], unembed: Any) -> dict[str, Any]:
-    """Index statistics of every neuron of ``site``, and cards for ``neurons_per_layer`` per layer."""
+def _layer_neurons(site: str, top_k: int, context: int, neurons_per_layer: int, token_examples: list[int],
+                   run: Run, layer: int) -> dict[str, Any]:
+    """One layer's neuron statistics and cards. Its entries' ``doc`` index ``spans``, the (example,
+    start, end) spans they show, for the caller to turn into docs (Texts lives in one process)."""
     counts = np.array([b - a for a, b in run.splits.values()])
+    acts = run.activations(layer, site)
+    sc = nz.scan(run, acts, top_k)
+    tok_counts = counts if acts.positions != "all" else np.array(
+        [run.offsets[b] - run.offsets[a] for a, b in run.splits.values()])
+    best, sel = sc.selectivity(tok_counts)
+    cards = nz.pick_cards(sc, sel, neurons_per_layer)
+    lo, hi = sc.min[cards], sc.max[cards]
+    out: dict[str, Any] = {"width": acts.width, "positions": acts.positions, "max": sc.max, "min": sc.min,
+                           "mean": sc.mean, "sd": sc.sd, "split_mean": sc.split_mean, "best": best, "sel": sel,
+                           "cards": cards, "hist_lo": lo, "hist_hi": hi,
+                           "hist": nz.histograms(acts, cards, lo, hi, HIST_BINS)}
+    spans: list[tuple[int, int, int]] = []
+
+    def span(e: int, a: int, b: int) -> int:
+        spans.append((int(e), int(a), int(b)))
+        return len(spans) - 1
+
+    out["entries"], out["ctx"] = nz.card_entries(run, acts, cards, sc.top_e[cards], sc.bot_e[cards], context,
+                                                 span, nz.range_samples(run, acts, cards, RANGES))
+    token_top = None
+    if acts.positions == "all" and token_examples:
+        ids, vals = nz.token_top(acts, token_examples, TOKEN_TOP)
+        token_top = {"ids": ids, "values": vals}
+    return {"out": out, "spans": spans, "token_top": token_top}
+
+
+def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int, neurons_per_layer: int,
+                     output_tokens: int, token_examples: list[int], unembed: Any, workers: int = 1) -> dict[str, Any]:
+    """Index statistics of every neuron of ``site``, and cards for ``neurons_per_layer`` per layer."""
     layers: dict[str, Any] = {}
     token_top: dict[str, Any] = {}
-    for L in tqdm([L for L, s in run.arrays if s == site], desc=f"neurons {site}", unit="layer", mininterval=1.0):
-        acts = run.activations(L, site)
-        sc = nz.scan(run, acts, top_k)
-        tok_counts = counts if acts.positions != "all" else np.array(
-            [run.offsets[b] - run.offsets[a] for a, b in run.splits.values()])
-        best, sel = sc.selectivity(tok_counts)
-        cards = nz.pick_cards(sc, sel, neurons_per_layer)
-        lo, hi = sc.min[cards], sc.max[cards]
-        out: dict[str, Any] = {"width": acts.width, "positions": acts.positions, "max": sc.max, "min": sc.min,
-                               "mean": sc.mean, "sd": sc.sd, "split_mean": sc.split_mean, "best": best, "sel": sel,
-                               "cards": cards, "hist_lo": lo, "hist_hi": hi,
-                               "hist": nz.histograms(acts, cards, lo, hi, HIST_BINS)}
-        out["entries"], out["ctx"] = nz.card_entries(run, acts, cards, sc.top_e[cards], sc.bot_e[cards], context,
-                                                     texts.doc, nz.range_samples(run, acts, cards, RANGES))
+    wanted = [L for L, s in run.arrays if s == site]
+    fn = partial(_layer_neurons, site, top_k, context, neurons_per_layer, token_examples)
+    results = map_layers(run, fn, wanted, workers)
+    for L, r in tqdm(zip(wanted, results), total=len(wanted), desc=f"neurons {site}", unit="layer", mininterval=1.0):
+        out, cards = r["out"], r["out"]["cards"]
+        docs = np.array([texts.doc(*sp) for sp in r["spans"]], np.int64)
+        out["entries"]["doc"] = docs[out["entries"]["doc"]] if len(docs) else out["entries"]["doc"]
         if unembed is not None and len(cards):
             up, up_v, down, down_v = unembed.logit_effects(L, cards, output_tokens)
             out.update(out_up=texts.token_texts(up), out_up_v=up_v.astype(np.float32),
                        out_down=texts.token_texts(down), out_down_v=down_v.astype(np.float32))
-        if acts.positions == "all" and token_examples:
-            ids, vals = nz.token_top(acts, token_examples, TOKEN_TOP)
-            token_top[str(L)] = {"ids": ids, "values": vals}
+        if r["token_top"] is not None:
+            token_top[str(L)] = r["token_top"]
         layers[str(L)] = out
     return {"site": site, "k": top_k, "context": context, "bins": HIST_BINS, "cards_per_layer": neurons_per_layer,
             "layers": layers, "token_top": token_top}
@@ -183,9 +240,10 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
 
 def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int = 8, neurons_per_layer: int = 64,
               heatmap_examples: int = 20, example_columns: int = 512, output_tokens: int = 10,
-              budget_mib: float = 10, trust_remote_code: bool = False) -> dict[str, Any]:
+              budget_mib: float = 10, trust_remote_code: bool = False, workers: int = 1) -> dict[str, Any]:
     """Build the dashboard's summary dict for a finished run directory (its shape: layerscope.web.page).
-    ``budget_mib`` is the page's, applied when the page is written; recorded here for it."""
+    ``budget_mib`` is the page's, applied when the page is written; recorded here for it. ``workers``:
+    processes computing layers at once."""
     from layerscope.data.tokens import load_decoder
     from layerscope.fileio import read_json
 
@@ -209,12 +267,12 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
     return build_summary(run, load_decoder(manifest, trust_remote_code), unembed, site=site, top_k=top_k,
                          context=context, neurons_per_layer=neurons_per_layer, heatmap_examples=heatmap_examples,
                          example_columns=example_columns, output_tokens=output_tokens, budget_mib=budget_mib,
-                         output_note=note)
+                         output_note=note, workers=workers)
 
 
 def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, context: int, neurons_per_layer: int,
                   heatmap_examples: int, example_columns: int, output_tokens: int, budget_mib: float,
-                  output_note: str | None = None) -> dict[str, Any]:
+                  output_note: str | None = None, workers: int = 1) -> dict[str, Any]:
     """The summary of ``run`` (a Run, or anything with its interface), token texts from ``decoder``,
     output tokens from ``unembed`` (an analysis.unembed.Unembedding, or None)."""
     md = run.metadata
@@ -223,12 +281,12 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
     for note in notes.values():
         if note:
             log.warning("%s", note)
-    norms = norm_summaries(run, texts, heatmap_examples, example_columns)
+    norms = norm_summaries(run, texts, heatmap_examples, example_columns, workers)
     token_examples = norms.pop("token_examples")
     neurons = None
     if notes["neurons"] is None:
         neurons = neuron_summaries(run, texts, site, top_k, context, neurons_per_layer, output_tokens,
-                                   token_examples, unembed)
+                                   token_examples, unembed, workers)
         notes["output_tokens"] = output_note if unembed is None else None
     lora = lora_summaries(run, texts.doc, top_k, context)
     adapter = md.get("adapter")
