@@ -4,6 +4,7 @@ the Snakemake API, gives exactly the jobs config/README.md's table promises."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -152,6 +153,15 @@ def test_a_stale_group_reads_its_boundary(scratch):
     assert "boundary in results/demo/boundaries/L02_part0.safetensors" in log
     assert "Rule: capture_L00-01" not in res.stderr and "Rule: capture_L02-03" in res.stderr
     assert planned_jobs(scratch) == []
+    # the summary computes again only the layers captured again, and equals one computed from scratch
+    log = (scratch / "logs/demo/summarize.log").read_text()
+    assert "neurons mlp_act: 2 of 4 layers from the earlier summary" in log
+    assert "norms resid_post: 2 of 4 layers from the earlier summary" in log
+    from layerscope.analysis.summaries import summarize
+    from layerscope.packed import pack
+
+    fresh = json.loads(json.dumps(pack(summarize(str(scratch / "results/demo"), **cfg["dashboard"]))))
+    assert json.loads((scratch / "results/demo/summaries/summary.json").read_text()) == fresh
 
 
 def test_deleting_a_boundary_recreates_it(scratch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,3 +321,40 @@ def test_layers_summarised_in_parallel_give_the_same_summary(tmp_path, model_fac
     many = pack(summarize(run_dir, top_k=3, context=2, neurons_per_layer=5, workers=3))
     assert json.dumps(many, sort_keys=True) == json.dumps(one, sort_keys=True)
     assert set(one["neurons"]["layers"]) == {"0", "1", "2", "3"} and one["docs"]["offsets"]
+
+
+def test_a_layer_captured_again_is_the_only_one_summarised_again(tmp_path, model_factory, monkeypatch):
+    """The layer cache: a second summary reads every layer back; new capture job ids for one layer (what
+    a re-capture records) make it compute that layer alone, from the new data, and equal a fresh summary."""
+    import zarr
+
+    from layerscope.analysis import summaries
+    from layerscope.packed import pack
+    from layerscope.store.reader import Run
+
+    run_dir = small_run(tmp_path, model_factory,
+                        {L: {"sites": ["resid_post", "mlp_act"], "positions": "all"} for L in range(3)})
+    cache = tmp_path / "cache"
+    calls: list[tuple[str, int]] = []
+    for name in ("_layer_norms", "_layer_neurons"):
+        real = getattr(summaries, name)
+        monkeypatch.setattr(summaries, name, lambda *a, _real=real, _name=name: calls.append((_name, a[-1]))
+                            or _real(*a))
+    kw = dict(top_k=3, context=2, neurons_per_layer=5)
+    first = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
+    assert sorted(calls) == sorted((n, L) for n in ("_layer_norms", "_layer_neurons") for L in range(3))
+    calls.clear()
+    again = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
+    assert calls == [] and json.dumps(again) == json.dumps(first)
+
+    # layer 1 "captured again": new values, new job ids
+    arr = zarr.open_array(str(Path(run_dir) / "activations.zarr/layer_01/mlp_act"), mode="r+")
+    arr[:] = (arr[:].astype(np.float32) * -2).astype(arr.dtype)
+    real_jobs = Run.capture_jobs
+    monkeypatch.setattr(Run, "capture_jobs", lambda self, L, s: real_jobs(self, L, s) + (["new"] if (L, s) == (1, "mlp_act") else []))
+    (cache / "neurons_L007_stale.json").write_text("{}")  # an entry no summary uses any more
+    after = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
+    assert calls == [("_layer_neurons", 1)]  # resid_post's norms of layer 1: its own jobs did not change
+    fresh = pack(summaries.summarize(run_dir, **kw))
+    assert json.dumps(after) == json.dumps(fresh) and json.dumps(after) != json.dumps(first)
+    assert not (cache / "neurons_L007_stale.json").exists()

@@ -287,7 +287,9 @@ def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool =
     from layerscope.analysis.summaries import summarize as _summarize
     from layerscope.packed import pack
 
-    summary = _summarize(run_dir, **dashboard, trust_remote_code=trust_remote_code, workers=threads)
+    # Per-layer results beside the summary: a re-run after one layer was captured again redoes only that layer.
+    summary = _summarize(run_dir, **dashboard, trust_remote_code=trust_remote_code, workers=threads,
+                         cache_dir=str(Path(out).parent / "layers"))
     write_json(out, pack(summary), indent=None)
 
 

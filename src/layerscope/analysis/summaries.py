@@ -11,10 +11,16 @@ neuron statistics are computed in that many forked processes, and the results ar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 from functools import partial
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -22,6 +28,8 @@ from tqdm import tqdm
 from layerscope.analysis import neurons as nz
 from layerscope.analysis.lora import lora_summaries
 from layerscope.analysis.norms import NORM_SITES, diff_norms, row_norms, site_norms
+from layerscope.fileio import read_json, write_json
+from layerscope.packed import pack, unpack
 from layerscope.store.reader import Run
 
 log = logging.getLogger("layerscope.analysis.summaries")
@@ -35,24 +43,97 @@ TOKEN_TOP = 3  # neurons listed for a token x layer heatmap cell
 # test's stand-in with its interface, need not be picklable).
 _RUN: Any = None
 
+# Bump when what a layer's cached result holds, or how it is computed, changes.
+CACHE_FORMAT = 1
 
-def map_layers(run: Any, fn: Callable[[Any, int], Any], layers: list[int], workers: int) -> Iterator[Any]:
+
+def map_layers(run: Any, fn: Callable[[Any, int], Any], layers: list[int], workers: int, desc: str) -> list[Any]:
     """``fn(run, L)`` for each layer, in order: in this process, or in ``workers`` forked ones."""
     global _RUN
+    bar = partial(tqdm, total=len(layers), desc=desc, unit="layer", mininterval=1.0, disable=not layers)
     if workers <= 1 or len(layers) < 2:
-        yield from (fn(run, L) for L in layers)
-        return
+        return [fn(run, L) for L in bar(layers)]
     _RUN = run
     try:
         # fork, not spawn: a Snakemake script is __main__, and spawn would run it again in each child
-        with multiprocessing.get_context("fork").Pool(min(workers, len(layers))) as pool:
-            yield from pool.imap(partial(_call, fn), layers)
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(min(workers, len(layers)), _worker_start, (os.getpid(),)) as pool:
+            return list(bar(pool.imap(partial(_call, fn), layers)))
     finally:
         _RUN = None
 
 
+def _worker_start(parent: int) -> None:
+    """In each forked worker: the job's SIGTERM handler (watchdog) would keep the pool from ending
+    its idle workers, so plain signals; Ctrl-C is the parent's; and die with the parent, even killed."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
 def _call(fn: Callable[[Any, int], Any], layer: int) -> Any:
     return fn(_RUN, layer)
+
+
+class LayerCache:
+    """Each layer's results from the run's earlier summaries, in ``directory``: reused where the
+    layer's array has not been captured again since. The key holds the ids of the capture jobs
+    that wrote the array (new ones at every capture), the run's splits and the settings the result
+    depends on, so a stale entry is never read; entries no summary used are deleted by ``prune``."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        self.used: set[str] = set()
+
+    def key(self, run: Run, kind: str, layer: int, site: str, settings: dict[str, Any]) -> str:
+        from layerscope import __version__
+
+        ident = {"format": CACHE_FORMAT, "version": __version__, "kind": kind, "site": site, "layer": layer,
+                 "jobs": run.capture_jobs(layer, site), "variant": run.variant,
+                 "splits": {k: list(v) for k, v in run.splits.items()}, "settings": settings}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _path(self, kind: str, layer: int, site: str) -> Path:
+        return self.dir / f"{kind}_L{layer:03d}_{site}.json"
+
+    def load(self, kind: str, layer: int, site: str, key: str) -> Any:
+        path = self._path(kind, layer, site)
+        self.used.add(path.name)
+        try:
+            entry = read_json(path)
+        except (OSError, ValueError):
+            return None
+        return unpack(entry["value"]) if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def save(self, kind: str, layer: int, site: str, key: str, value: Any) -> None:
+        write_json(self._path(kind, layer, site), {"key": key, "value": pack(value)}, indent=None)
+
+    def prune(self) -> None:
+        for f in self.dir.glob("*.json"):
+            if f.name not in self.used:
+                f.unlink(missing_ok=True)
+
+
+def layer_results(run: Run, fn: Callable[[Any, int], Any], layers: list[int], workers: int, desc: str,
+                  cache: LayerCache | None, kind: str, site: str, settings: dict[str, Any]) -> list[Any]:
+    """``map_layers``, taking from ``cache`` the layers it holds and adding the ones computed."""
+    if cache is None:
+        return map_layers(run, fn, layers, workers, desc)
+    keys = {L: cache.key(run, kind, L, site, settings) for L in layers}
+    found = {L: v for L in layers if (v := cache.load(kind, L, site, keys[L])) is not None}
+    todo = [L for L in layers if L not in found]
+    if found:
+        log.info("%s: %d of %d layers from the earlier summary (arrays not captured since)", desc, len(found),
+                 len(layers))
+    for L, v in zip(todo, map_layers(run, fn, todo, workers, desc)):
+        cache.save(kind, L, site, keys[L], v)
+        found[L] = v
+    return [found[L] for L in layers]
 
 
 def pick_examples(run: Run, n: int) -> list[int]:
@@ -162,7 +243,7 @@ def _layer_norms(site: str, run: Run, layer: int) -> np.ndarray:
 
 
 def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_columns: int,
-                   workers: int = 1) -> dict[str, Any]:
+                   workers: int = 1, cache: LayerCache | None = None) -> dict[str, Any]:
     """The heatmaps' data for every norm site the run captured (see norms.site_norms)."""
     chosen = pick_examples(run, heatmap_examples)
     columns = pick_examples(run, example_columns)
@@ -171,8 +252,9 @@ def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_column
         layers = [L for L, s in run.arrays if s == site]
         if layers:
             log.info("norms of %s", site)
-            norms = dict(zip(layers, map_layers(run, partial(_layer_norms, site), layers, workers)))
-            sites[site] = site_norms(run, site, chosen, columns, norms_of=norms.pop)
+            norms = layer_results(run, partial(_layer_norms, site), layers, workers, f"norms {site}", cache,
+                                  "norms", site, {})
+            sites[site] = site_norms(run, site, chosen, columns, norms_of=dict(zip(layers, norms)).pop)
     for other in other_variants(run):
         for site in NORM_SITES:
             log.info("norms of %s: %s - %s", site, run.variant, other.variant)
@@ -216,14 +298,17 @@ def _layer_neurons(site: str, top_k: int, context: int, neurons_per_layer: int, 
 
 
 def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int, neurons_per_layer: int,
-                     output_tokens: int, token_examples: list[int], unembed: Any, workers: int = 1) -> dict[str, Any]:
+                     output_tokens: int, token_examples: list[int], unembed: Any, workers: int = 1,
+                     cache: LayerCache | None = None) -> dict[str, Any]:
     """Index statistics of every neuron of ``site``, and cards for ``neurons_per_layer`` per layer."""
     layers: dict[str, Any] = {}
     token_top: dict[str, Any] = {}
     wanted = [L for L, s in run.arrays if s == site]
     fn = partial(_layer_neurons, site, top_k, context, neurons_per_layer, token_examples)
-    results = map_layers(run, fn, wanted, workers)
-    for L, r in tqdm(zip(wanted, results), total=len(wanted), desc=f"neurons {site}", unit="layer", mininterval=1.0):
+    settings = {"top_k": top_k, "context": context, "cards": neurons_per_layer, "token_examples": token_examples,
+                "bins": HIST_BINS, "ranges": RANGES, "token_top": TOKEN_TOP}
+    results = layer_results(run, fn, wanted, workers, f"neurons {site}", cache, "neurons", site, settings)
+    for L, r in zip(wanted, results):
         out, cards = r["out"], r["out"]["cards"]
         docs = np.array([texts.doc(*sp) for sp in r["spans"]], np.int64)
         out["entries"]["doc"] = docs[out["entries"]["doc"]] if len(docs) else out["entries"]["doc"]
@@ -240,10 +325,12 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
 
 def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int = 8, neurons_per_layer: int = 64,
               heatmap_examples: int = 20, example_columns: int = 512, output_tokens: int = 10,
-              budget_mib: float = 10, trust_remote_code: bool = False, workers: int = 1) -> dict[str, Any]:
+              budget_mib: float = 10, trust_remote_code: bool = False, workers: int = 1,
+              cache_dir: str | None = None) -> dict[str, Any]:
     """Build the dashboard's summary dict for a finished run directory (its shape: layerscope.web.page).
     ``budget_mib`` is the page's, applied when the page is written; recorded here for it. ``workers``:
-    processes computing layers at once."""
+    processes computing layers at once. ``cache_dir``: where each layer's results are kept for the
+    next summary of this run, which computes again only the layers captured since (LayerCache)."""
     from layerscope.data.tokens import load_decoder
     from layerscope.fileio import read_json
 
@@ -267,12 +354,13 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
     return build_summary(run, load_decoder(manifest, trust_remote_code), unembed, site=site, top_k=top_k,
                          context=context, neurons_per_layer=neurons_per_layer, heatmap_examples=heatmap_examples,
                          example_columns=example_columns, output_tokens=output_tokens, budget_mib=budget_mib,
-                         output_note=note, workers=workers)
+                         output_note=note, workers=workers, cache=LayerCache(cache_dir) if cache_dir else None)
 
 
 def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, context: int, neurons_per_layer: int,
                   heatmap_examples: int, example_columns: int, output_tokens: int, budget_mib: float,
-                  output_note: str | None = None, workers: int = 1) -> dict[str, Any]:
+                  output_note: str | None = None, workers: int = 1, cache: LayerCache | None = None
+                  ) -> dict[str, Any]:
     """The summary of ``run`` (a Run, or anything with its interface), token texts from ``decoder``,
     output tokens from ``unembed`` (an analysis.unembed.Unembedding, or None)."""
     md = run.metadata
@@ -281,13 +369,15 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
     for note in notes.values():
         if note:
             log.warning("%s", note)
-    norms = norm_summaries(run, texts, heatmap_examples, example_columns, workers)
+    norms = norm_summaries(run, texts, heatmap_examples, example_columns, workers, cache)
     token_examples = norms.pop("token_examples")
     neurons = None
     if notes["neurons"] is None:
         neurons = neuron_summaries(run, texts, site, top_k, context, neurons_per_layer, output_tokens,
-                                   token_examples, unembed, workers)
+                                   token_examples, unembed, workers, cache)
         notes["output_tokens"] = output_note if unembed is None else None
+    if cache is not None:
+        cache.prune()
     lora = lora_summaries(run, texts.doc, top_k, context)
     adapter = md.get("adapter")
     meta = {"model": md["model_name"], "revision": md.get("model_revision"),

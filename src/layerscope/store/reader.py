@@ -321,6 +321,10 @@ class Run:
             markers.check()
         return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.store_path / key, markers=markers)
 
+    def capture_jobs(self, layer: int, site: str) -> list[str]:
+        """Ids of the capture jobs that wrote one array, a part each: new ones whenever it is captured again."""
+        return list(self._info["jobs"].get(f"layer_{self.layer_index(layer):02d}/{site}", []))
+
     def iter_shards(self, layer: int, site: str = "resid_post", split: str | None = None):
         return self.activations(layer, site, split).iter_shards()
 
