@@ -225,6 +225,8 @@ def _row(layer: int, site: str, split: str | None, positions: str, va: Activatio
         norm_a += float(na.sum())
         norm_b += float(nb.sum())
     nan = float("nan")
+    if not n:  # a split without a row at these positions (a span none of its examples has): nothing to say
+        return CompareRow(layer, site, split, positions, 0, nan, nan, nan, nan, nan, nan)
 
     def div(x: float, y: float) -> float:
         return x / y if y else (0.0 if x == 0 else nan)

@@ -421,7 +421,9 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
     k0 = first_window(windows, jobs, rows, written if outputs else None)
     kept = sum(len(j.kept) for j in jobs)
     skipped = sum(len(w.batches) for w in windows[:k0])
-    resumed = {"kept_shards": kept, "skipped_batches": skipped, "batches": n_batches} if kept or k0 else None
+    # a fresh attempt may skip windows too, where no array of it has rows there: that resumes nothing
+    resumed = ({"kept_shards": kept, "skipped_batches": skipped, "batches": n_batches}
+               if journal.loaded and (kept or k0) else None)
     waste, in_order = padding(windows, offsets, bs)
     shared.padding = round(waste, 4)
     log.info("padding: %.1f%% of batch positions (%.1f%% in data set order; capture.length_window %d)",

@@ -63,8 +63,10 @@ def _check_positions(run: Run, arrays: list[tuple[int, str]], padding: str) -> N
     one = [(k, p) for k, p in one if p != "all"]
     if one:
         where = f"{run.path}: " if run.questions is not None else ""
-        held = f"the {one[0][1]} position{'s' if is_span(one[0][1]) else ''}"
-        raise LayerScopeError(f"{where}seed004 stores every token position, but {', '.join(k for k, _ in one)} "
+        modes = list(dict.fromkeys(p for _, p in one))
+        held = " or ".join(f"the {p} position{'s' if is_span(p) else ''}" for p in modes)
+        arrays = ", ".join(k if len(modes) == 1 else f"{k} ({p})" for k, p in one)
+        raise LayerScopeError(f"{where}seed004 stores every token position, but {arrays} "
                               f"{'holds' if len(one) == 1 else 'hold'} {held} only; capture with "
                               "positions: all, leave it out with --layers, or export --format seed001 (last token)")
 
