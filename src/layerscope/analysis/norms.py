@@ -83,6 +83,7 @@ def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int
     tokens: list[list[np.ndarray]] = [[] for _ in token_examples]
     split_pos: dict[str, list[np.ndarray]] = {s: [] for s in run.splits}
     pos_count: dict[str, np.ndarray] = {}
+    pos_of: dict[str, np.ndarray] = {}  # positions mode -> each row's position in its example
     for L in layers:
         acts = run.activations(L, site)
         rows = acts.map
@@ -101,7 +102,9 @@ def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int
         if not acts.per_token:
             continue
         token_layers.append(L)
-        pos_of_row = rows.positions_of(np.arange(rows.n_rows))
+        if acts.positions not in pos_of:
+            pos_of[acts.positions] = rows.positions_of(np.arange(rows.n_rows))
+        pos_of_row = pos_of[acts.positions]
         for i, e in enumerate(token_examples):  # every token of the example, NaN where not captured
             t = np.full(int(lengths[e]), np.nan, np.float32)
             r0, r1 = rows.offsets[e], rows.offsets[e + 1]
