@@ -225,6 +225,29 @@ def test_examples_with_an_empty_span_have_no_rows_and_views_cope(span_run, all_r
         span_run.select(3, "resid_post", "role:tool")
 
 
+def test_a_span_no_example_has_stores_zero_rows(tmp_path, model_factory):
+    """(The config refuses this for a data set; a pass whose every reply is empty gets it.) Capture,
+    store and every reader cope with an array of no rows."""
+    from layerscope.analysis.compare import compare
+    from layerscope.analysis.summaries import build_summary
+    from tests.helpers import prepare_texts
+    from tests.synthetic import PiecesDecoder
+
+    m = model_factory("llama-tiny")
+    ds = prepare_texts(tmp_path, m)  # text records: no response anywhere
+    run = layerscope.open(make_run(tmp_path / "run", {"model": m, "adapter": None}, ds,
+                                   {0: {"sites": ["resid_post", "mlp_act"], "positions": "response"},
+                                    1: {"sites": ["resid_post"], "positions": "all"}}, parts=2))
+    a = run.activations(0, "resid_post")
+    assert a.shape == (0, 64) and a[3].shape == (0, 64) and list(a.iter_shards()) == []
+    assert run.select(0, "resid_post", "response")[0].shape == (0, 64)
+    s = build_summary(run, PiecesDecoder(["a"]), None, site="mlp_act", top_k=3, context=2, neurons_per_layer=4,
+                      heatmap_examples=3, example_columns=7, output_tokens=0, budget_mib=10)
+    assert np.isnan(s["norms"]["sites"]["resid_post"]["last"][0]).all()
+    assert s["neurons"]["layers"]["0"]["entries"]["card"].size == 0
+    assert all(r.n == 0 for r in compare(run, run, positions="response", layers=[0]))
+
+
 def test_a_prompted_pass_with_generation_captures_its_replies(tmp_path, model_factory):
     """positions: response on a pass that generates: the reply's tokens of each question, exactly."""
     from layerscope.data.dataset import load_tokens

@@ -9,6 +9,7 @@ infinite values (float16 overflow) are left out of every statistic.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -187,9 +188,12 @@ def range_samples(run: Run, acts, cards: np.ndarray, ranges: int) -> np.ndarray:
     for e in range(n_ex):
         x = np.asarray(acts.example(e), dtype=np.float64)[..., cards]
         peaks[e] = np.nanmax(np.atleast_2d(x), axis=0) if np.isfinite(x).any() else np.nan
-    lo, hi = np.nanmin(peaks, axis=0), np.nanmax(peaks, axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    b = np.clip(np.floor((np.nan_to_num(peaks, nan=-np.inf) - lo) / span * ranges), -1, ranges - 1).astype(np.int64)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):  # a neuron without a value (no rows): no sample
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanmin(peaks, axis=0), np.nanmax(peaks, axis=0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        b = np.floor((np.nan_to_num(peaks, nan=-np.inf) - lo) / span * ranges)
+    b = np.clip(np.nan_to_num(b, nan=-1.0, neginf=-1.0), -1, ranges - 1).astype(np.int64)
     for c in range(len(cards)):
         for r in range(ranges):
             hit = np.flatnonzero(b[:, c] == r)
