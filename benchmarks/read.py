@@ -32,6 +32,7 @@ import zarr
 
 from layerscope.capture.router import ArrayJob, BufferPool, Router
 from layerscope.store.reader import Activations, PartMarkers
+from layerscope.store.rows import array_rows
 from layerscope.store.shards import chunk_encoder
 from layerscope.store.layout import array_metadata, make_layout
 from layerscope.store.writer import ShardWriter
@@ -93,9 +94,9 @@ def run(args, scratch: Path) -> int:
     np.save(scratch / "all.npy", alltok)
     del alltok
     za, zl = zarr.open_array(str(all_dir), mode="r"), zarr.open_array(str(last_dir), mode="r")
-    acts_last = Activations(zl, np.arange(args.examples + 1), 0, args.examples, array_dir=last_dir,
+    acts_last = Activations(zl, array_rows("last", np.arange(args.examples + 1)), 0, args.examples, array_dir=last_dir,
                             markers=PartMarkers(scratch, "last", ["bench"]))
-    acts_all = Activations(za, offsets, 0, len(lengths), array_dir=all_dir,
+    acts_all = Activations(za, array_rows("all", offsets), 0, len(lengths), array_dir=all_dir,
                            markers=PartMarkers(scratch, "all", ["bench"]))
     assert acts_last._direct is not None and acts_all._direct is not None
     mm_last = np.load(scratch / "last.npy", mmap_mode="r")

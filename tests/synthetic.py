@@ -12,12 +12,16 @@ import numpy as np
 
 
 class SyntheticActivations:
-    """What the summaries read of a reader view: positions, dtype, width, shape, row_range,
-    iter_shards, example."""
+    """What the summaries read of a reader view: positions, map, per_token, dtype, width, shape,
+    row_range, iter_shards, example."""
 
     def __init__(self, data: np.ndarray, offsets: np.ndarray, positions: str, shard_rows: int = 1024) -> None:
+        from layerscope.store.rows import array_rows
+
         self.data, self.offsets, self.positions = data, offsets, positions
         self.dtype, self.width, self.shard_rows = "float16", data.shape[1], shard_rows
+        self.map = array_rows(positions, offsets)
+        self.per_token = self.map.per_token
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -331,6 +331,7 @@ PASS_TABLE = [
     ("passes.mcq.template", "Q: {question}\n{options}", pass_jobs("mcq")),
     ("passes.mcq.cue", "\nA:", pass_jobs("mcq")),  # even where a chat template leaves it unused
     ("passes.mcq.positions", "all", pass_jobs("mcq", "capture")),
+    ("passes.other_confidence.positions", "response", pass_jobs("other_confidence", "capture")),  # its replies
     ("passes.other_confidence.generate", {"max_new_tokens": 2}, pass_jobs("other_confidence", "answer_pass")),
     ("passes.other_confidence.bins", 4, pass_jobs("other_confidence")),
     ("passes.other_confidence.answers", "confidence", []),  # what the built-in pass already answers

@@ -46,6 +46,8 @@ TABLE = [
     ("capture.sites", ["resid_post", "mlp_act"], DOWN),  # removing sites
     ("capture.positions", "last", CAPTURES + DOWN),
     ("capture.overrides", {"3": {"positions": "last"}}, UPPER + DOWN),
+    ("capture.positions", "response", CAPTURES + DOWN),  # a span: only its tokens' rows
+    ("capture.overrides", {"3": {"positions": "role:user"}}, UPPER + DOWN),
     ("capture.overrides", {"2": {"sites": ["resid_post"]}}, DOWN),
     ("capture.dtype", "bfloat16", SET + CAPTURES + DOWN),
     ("capture.layers_per_job", 4, ["capture_L00-03:0", "capture_L00-03:1"] + DOWN),

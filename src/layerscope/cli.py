@@ -2,7 +2,7 @@
 ``python -m layerscope inspect RUN_DIR --pass PASS [--show-examples N] [--compare-with OTHER_RUN] [--json]``,
 ``python -m layerscope plan [--configfile FILE] [--directory DIR] [--json]``,
 ``python -m layerscope export RUN[:VARIANT] --format seed001|seed004|npy --out DIR`` and
-``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all] [--json]`` and
+``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all|answer|SPAN] [--json]`` and
 ``python -m layerscope serve RUN [--port 8080]``."""
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ def inspect_run(run_dir: str, show_examples: int = 0, out=sys.stdout) -> None:
         warn = (f"  ! {bad['nonfinite']} NaN/inf ({bad['clipped']} out of {md['dtype']} range)"
                 if bad.get("nonfinite") else "")
         p(f"  layer_{L:02d}/{s:<11} {a.positions:<4} shape {list(a.shape)!s:<14} {_human(nbytes)}{warn}")
+        if a.positions not in ("all", "last", "answer"):  # rows of a span: how many examples have any
+            have = int((a.map.offsets[1:] > a.map.offsets[:-1]).sum())
+            p(f"    {a.shape[0]} {a.positions} tokens of {have} examples ({len(run) - have} with none)")
     p(f"bytes on disk (activations) {_human(total)}")
     if show_examples:
         from layerscope.data.dataset import example_text
@@ -87,7 +90,7 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
     import yaml
 
     from layerscope.config import build_plan, with_location
-    from layerscope.analysis.costs import estimate, plan_offsets
+    from layerscope.analysis.costs import estimate, plan_tokens
     from layerscope.errors import ConfigError
     from layerscope.models.loading import resolve_device, resolve_dtype
 
@@ -107,7 +110,7 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
         raise ConfigError(with_location(str(e), [cfg_path])) from e
     device = resolve_device(plan.config["capture"]["device"])
     dtype = str(resolve_dtype(plan.config["model"]["dtype"], device)).removeprefix("torch.")
-    est = estimate(plan, plan_offsets(plan, base / "results" / plan.config["run"]), dtype,
+    est = estimate(plan, *plan_tokens(plan, base / "results" / plan.config["run"]), dtype,
                    "cpu" if device == "cpu" else "gpu")
     if as_json:
         print(json.dumps(est), file=out)
@@ -146,6 +149,14 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas, e.g. 0,3,-1; got {text!r}")
+
+
+def _positions(text: str) -> str:
+    from layerscope.store.rows import MODES, is_span
+
+    if text in MODES or is_span(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected last, all, answer or a span (prompt, response, role:NAME); got {text!r}")
 
 
 def _str_list(text: str) -> list[str]:
@@ -236,9 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="compare two runs on the same tokens, per layer x site x split")
     cmp.add_argument("run_a", help="run A: a run directory, optionally with :VARIANT")
     cmp.add_argument("run_b", help="run B, likewise")
-    cmp.add_argument("--positions", choices=["last", "all", "answer"], default="last",
-                     help="each example's last token (default), every token, or its answer position (prompted "
-                          "passes: the prompts must agree up to it, the replies may differ)")
+    cmp.add_argument("--positions", type=_positions, default="last", metavar="{last,all,answer,SPAN}",
+                     help="each example's last token (default), every token, its answer position (prompted "
+                          "passes: the prompts must agree up to it, the replies may differ), or a span's tokens "
+                          "(prompt, response, role:NAME)")
     cmp.add_argument("--layers", type=_int_list, help="layers to compare, e.g. 0,3,-1 (default: all in both)")
     cmp.add_argument("--sites", type=_str_list, help="sites to compare (default: all in both)")
     cmp.add_argument("--json", action="store_true", help="one JSON object instead of the table")

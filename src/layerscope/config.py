@@ -64,6 +64,8 @@ def _message(err) -> str:
         return f"{where}: {err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
     if err.validator == "oneOf" and "layers" in where:
         return f"{where}: {err.instance!r} is not 'all' or a list of layer numbers"
+    if err.validator == "pattern" and where.endswith("positions"):
+        return f"{where}: {err.instance!r} is not one of last, all, answer, prompt, response, role:NAME"
     if err.validator == "propertyNames":
         return f"{where}: key {err.instance!r} is not a layer number"
     return f"{where}: {err.message}"
@@ -324,6 +326,7 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
         if L not in settings:
             raise ConfigError(f"config error: capture.overrides.{key}: layer {L} is not in capture.layers")
         settings[L].update(copy.deepcopy(over))
+    check_span_positions(cap, cfg["dataset"]["format"], data)
     if problem := check_capture(dims.model_type, dims.architecture, cap):
         raise ConfigError(f"config error: {problem}")
     main = "adapter" if adapter is not None else "base"
@@ -358,7 +361,7 @@ def build_plan(config: dict[str, Any], schema_path: str | os.PathLike, base_dir:
     cfg = json.loads(dumps_stable(cfg))
     settings = {L: json.loads(dumps_stable(v)) for L, v in settings.items()}
     steer = targets(cfg["steering"], dims.num_layers, base, {L: v["sites"] for L, v in settings.items()})
-    passes = plan_passes(cfg, base, max_pos, model.label)
+    passes = plan_passes(cfg, base, max_pos, model.label, {v["positions"] for v in settings.values()})
     if passes and len(cfg["capture"]["variants"]) > 1:
         raise ConfigError("config error: passes: prompted passes capture one model; capture.variants lists "
                           f"{', '.join(cfg['capture']['variants'])}: run each model as its own run and compare them "
@@ -391,8 +394,48 @@ def resolve_data_file(section: dict[str, Any], key: str, base: Path) -> Path:
     return data
 
 
-def plan_passes(cfg: dict[str, Any], base: Path, max_pos: Any, model: str) -> dict[str, dict[str, Any]]:
-    """Resolve the prompted passes (built-in defaults, templates checked) and the task they read."""
+def check_span_positions(cap: dict[str, Any], fmt: str, data: Path) -> None:
+    """Refuse a span in capture.positions or an override that no record of the data set can have:
+    its arrays would hold no row at all. (An example whose span is empty only adds no rows.)"""
+    from layerscope.data.dataset import possible_spans
+    from layerscope.store.rows import is_span
+
+    keys = [("capture.positions", cap["positions"])] + [(f"capture.overrides.{k}.positions", o["positions"])
+                                                        for k, o in cap["overrides"].items() if "positions" in o]
+    spans = {p for _, p in keys if is_span(p)}
+    if not spans:
+        return
+    have = possible_spans(data, fmt, spans)
+    for key, p in keys:
+        if is_span(p) and p not in have:
+            what = "an assistant message (text records have no response)" if p == "response" else \
+                f"a message of role {p.removeprefix('role:')!r}"
+            raise ConfigError(f"config error: {key}: {p!r} would capture nothing: no record of {data.name} has "
+                              f"{what}; choose all, last, prompt or a span its records have")
+
+
+def check_pass_positions(name: str, spec: dict[str, Any], inherited: set[str]) -> None:
+    """A pass's examples record two spans, its prompt and the model's reply: refuse any other, and
+    the reply where the pass generates none. ``inherited``: the run's positions, which a pass
+    without its own captures at."""
+    own = spec.get("positions")
+    for pos in [own] if own else sorted(inherited):
+        if pos in ("all", "last", "answer", "prompt"):
+            continue
+        via = "" if own else f" (the run's positions, which the pass captures at without passes.{name}.positions)"
+        if pos != "response":
+            raise ConfigError(f"config error: passes.{name}.positions: {pos!r}{via}: a pass's examples record their "
+                              "prompt and the model's reply only (spans prompt, response)")
+        if not spec["generate"]["max_new_tokens"]:
+            raise ConfigError(f"config error: passes.{name}.positions: 'response'{via} is the model's reply, and this "
+                              f"pass generates none; set passes.{name}.generate.max_new_tokens, or capture prompt or "
+                              "all")
+
+
+def plan_passes(cfg: dict[str, Any], base: Path, max_pos: Any, model: str,
+                inherited: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Resolve the prompted passes (built-in defaults, templates checked) and the task they read;
+    ``inherited``: the run's positions, where a pass names none of its own."""
     from layerscope.passes.prompts import resolve_pass
 
     if not cfg["passes"]:
@@ -406,6 +449,7 @@ def plan_passes(cfg: dict[str, Any], base: Path, max_pos: Any, model: str) -> di
     for name, spec in cfg["passes"].items():
         p = resolve_pass(name, spec or {})
         p.setdefault("generate", {"max_new_tokens": 0, "temperature": 0.0, "top_p": 1.0, "seed": 0})
+        check_pass_positions(name, p, inherited)
         total = task["max_length"] + p["generate"]["max_new_tokens"]
         if isinstance(max_pos, int) and total > max_pos:
             raise ConfigError(f"config error: passes.{name}.generate.max_new_tokens: task.max_length "

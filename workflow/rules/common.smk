@@ -86,6 +86,8 @@ def capture_inputs(block):
         "settings": SETTINGS,
         "ids": f"{DATASET}/token_ids.npy",
         "offsets": f"{DATASET}/offsets.npy",
+        # the spans each example records: the rows of span arrays, and where parts begin
+        "examples": f"{DATASET}/examples.jsonl",
     }
     if block.reads_boundary:
         # ancient: a re-run of the job below rewrites this file with the same content (it is a
@@ -284,6 +286,7 @@ def pass_capture_inputs(name, block):
         "ids": f"{d}/token_ids.npy",
         "offsets": f"{d}/offsets.npy",
         "answer_index": f"{d}/answer_index.npy",
+        "examples": f"{d}/examples.jsonl",
     }
     if block.reads_boundary:  # ancient: see capture_inputs
         inputs["boundary"] = ancient(str(boundary_path(pass_dir(name), block.start, "{part}")))

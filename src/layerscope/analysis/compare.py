@@ -6,7 +6,8 @@ For each array both runs hold and each split (or the whole run: ``by_split=False
 arrays of different ranks (the LoRA neurons of two adapters, which do not pair up), over the
 vectors a_i (run A) and b_i (run B) at the chosen positions (``last``: each example's last token;
 ``all``: every token; ``answer``: each example's answer position, where a prompted pass read the
-model's answer, the last token elsewhere):
+model's answer, the last token elsewhere; a span, ``prompt``, ``response``, ``role:NAME``: the
+span's tokens; see store/rows.py). An array takes part where it holds every token compared:
 
 - ``cosine``: mean over i of cos(a_i, b_i) (1 where both are zero, 0 where one is);
 - ``rel_l2``: sqrt(sum ||a_i - b_i||^2) / sqrt(sum ||a_i||^2), the relative L2 distance of the
@@ -35,9 +36,10 @@ from layerscope.data.dataset import load_answer_index
 from layerscope.errors import LayerScopeError
 from layerscope.models.adapters import LORA_SITES, split_site
 from layerscope.store.reader import Activations, Run
+from layerscope.store.rows import RowMap, is_span
 from layerscope.store.variants import open_ref
 
-POSITIONS = ("last", "all", "answer")
+POSITIONS = ("last", "all", "answer")  # and any span (store/rows.py)
 BLOCK_BYTES = 16 << 20  # float64 rows held per side at once
 TOKEN_BLOCK = 1 << 22  # token ids compared at once
 
@@ -48,7 +50,7 @@ class CompareRow:
     site: str
     split: str | None  # None: every example of the run (by_split=False)
     positions: str
-    n: int  # vectors compared: examples ("last") or tokens ("all")
+    n: int  # vectors compared: examples ("last") or tokens ("all", a span)
     cosine: float
     rel_l2: float
     norm_a: float
@@ -166,33 +168,51 @@ def unpaired(a: Run, b: Run, arrays: Sequence[tuple[int, str]]) -> list[tuple[in
             and a.activations(L, s).width != b.activations(L, s).width]
 
 
-def _wanted(run: Run, positions: str) -> np.ndarray | None:
-    """Per example, the index within it of the token compared (None: every token)."""
-    if positions == "all":
-        return None
-    return answer_index(run) if positions == "answer" else np.diff(run.offsets) - 1
+def _wanted(run: Run, positions: str) -> RowMap:
+    """The tokens compared: every token, each example's last or answer token, or a span's."""
+    return run.rows(positions)
 
 
-def _blocks(view: Activations, want: np.ndarray | None, offsets: np.ndarray) -> Iterator[np.ndarray]:
-    """The view's vectors in bounded float64 blocks, in example (then token) order: at each example's
-    token ``want`` (an index within the example; None: every token). A view of one row per example
-    holds that token already (compare checked it)."""
+def _blocks(view: Activations, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """The view's ``rows`` (view-relative, increasing) in bounded float64 blocks: a contiguous run
+    of rows read as one range, any other picked row by row."""
     step = max(1, BLOCK_BYTES // (8 * view.width))
-    if want is not None and view.positions == "all":
-        idx = offsets[view.e0:view.e1] + want[view.e0:view.e1] - offsets[view.e0]
-        for i in range(0, len(idx), step):
-            yield view.take(idx[i:i + step]).astype(np.float64)
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        r0 = int(rows[0])
+        for r in range(r0, r0 + len(rows), step):
+            yield view.rows(r, min(r + step, r0 + len(rows))).astype(np.float64)
         return
-    n = view.shape[0]
-    for r in range(0, n, step):
-        yield view.rows(r, min(r + step, n)).astype(np.float64)
+    for i in range(0, len(rows), step):
+        yield view.take(rows[i:i + step]).astype(np.float64)
+
+
+def _held(layer: int, site: str, run: Run, view: Activations, want: RowMap, positions: str) -> np.ndarray:
+    """The rows of ``view`` (the whole run's) holding the tokens compared; refuses an array that
+    leaves some out, naming the first."""
+    rows = view.map.rows_of(want.tokens)
+    missing = np.flatnonzero(rows < 0)
+    if not missing.size:
+        return rows
+    name = f"layer_{layer:02d}/{site}"
+    held = f"{view.positions} position{'s' if is_span(view.positions) else ''}"
+    if positions == "all":
+        raise LayerScopeError(f"{name} holds the {held} only in {run.path}; compare it with --positions "
+                              f"{view.positions}, or leave it out (--layers/--sites)")
+    e = int(want.examples_of(missing[:1])[0])
+    if is_span(positions):
+        what = f"leaves out {positions} token {int(want.positions_of(missing[:1])[0])} of {_describe(run, e)}"
+    else:
+        what = (f"that is not the {positions} position of {_describe(run, e)} (a prompted pass that generates "
+                "reads its answer before the reply)")
+    raise LayerScopeError(f"{name} holds the {held} only in {run.path}, and {what}; compare it with --positions "
+                          f"{view.positions}, or leave it out (--layers/--sites)")
 
 
 def _row(layer: int, site: str, split: str | None, positions: str, va: Activations, vb: Activations,
-         a: Run, b: Run, want_a: np.ndarray | None, want_b: np.ndarray | None) -> CompareRow:
+         rows_a: np.ndarray, rows_b: np.ndarray) -> CompareRow:
     n = 0
     cos = sq_diff = sq_a = norm_a = norm_b = 0.0
-    for xa, xb in zip(_blocks(va, want_a, a.offsets), _blocks(vb, want_b, b.offsets), strict=True):
+    for xa, xb in zip(_blocks(va, rows_a), _blocks(vb, rows_b), strict=True):
         na, nb = np.linalg.norm(xa, axis=1), np.linalg.norm(xb, axis=1)
         dot = np.einsum("ij,ij->i", xa, xb)
         denom = na * nb
@@ -205,6 +225,8 @@ def _row(layer: int, site: str, split: str | None, positions: str, va: Activatio
         norm_a += float(na.sum())
         norm_b += float(nb.sum())
     nan = float("nan")
+    if not n:  # a split without a row at these positions (a span none of its examples has): nothing to say
+        return CompareRow(layer, site, split, positions, 0, nan, nan, nan, nan, nan, nan)
 
     def div(x: float, y: float) -> float:
         return x / y if y else (0.0 if x == 0 else nan)
@@ -212,6 +234,16 @@ def _row(layer: int, site: str, split: str | None, positions: str, va: Activatio
     mean_a, mean_b = div(norm_a, n), div(norm_b, n)
     return CompareRow(layer, site, split, positions, n, div(cos, n), div(math.sqrt(sq_diff), math.sqrt(sq_a)),
                       mean_a, mean_b, mean_b - mean_a, div(mean_b - mean_a, mean_a))
+
+
+def check_same_spans(a: Run, b: Run, wa: RowMap, wb: RowMap, positions: str) -> None:
+    """Two runs of the same tokens compared at a span must record the same span."""
+    if np.array_equal(wa.offsets, wb.offsets) and np.array_equal(wa.tokens, wb.tokens):
+        return
+    diff = np.flatnonzero(np.diff(wa.offsets) != np.diff(wb.offsets))
+    e = int(diff[0]) if diff.size else int(wa.examples_of(np.flatnonzero(wa.tokens != wb.tokens)[:1])[0])
+    raise LayerScopeError(f"{a.path} and {b.path} hold the same tokens but record different {positions} spans: "
+                          f"first at {_describe(a, e)}; compare needs the same tokens")
 
 
 def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, positions: str = "last",
@@ -224,17 +256,21 @@ def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, posi
     Runs are Run objects or ``RUN[:VARIANT]`` references. ``positions="last"`` compares each
     example's last token (from ``last`` or ``all`` arrays alike); ``"answer"`` each example's
     answer position (from ``answer`` or ``all`` arrays, or ``last`` arrays where it is the last
-    token); ``"all"`` every token, which needs ``all`` arrays in both runs. Refuses runs whose
-    tokens differ (at ``answer``: whose tokens up to the answer position differ).
+    token); ``"all"`` every token, which needs ``all`` arrays in both runs; a span (``response``)
+    its tokens, from ``all`` arrays or arrays captured at a span that holds them. An array
+    missing a compared token is refused, naming it. Refuses runs whose tokens differ (at
+    ``answer``: whose tokens up to the answer position differ).
     """
-    if positions not in POSITIONS:
-        raise LayerScopeError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    if positions not in POSITIONS and not is_span(positions):
+        raise LayerScopeError(f"positions must be one of {', '.join(POSITIONS)}, or a span (prompt, response, "
+                              f"role:NAME), not {positions!r}")
     a, b = _as_run(run_a), _as_run(run_b)
     want_a, want_b = _wanted(a, positions), _wanted(b, positions)
     if positions == "answer":
-        check_same_prompts(a, b, want_a, want_b)
+        check_same_prompts(a, b, want_a.tokens - a.offsets[:-1], want_b.tokens - b.offsets[:-1])
     else:
         check_same_tokens(a, b)
+        check_same_spans(a, b, want_a, want_b, positions)
     both, only_a, only_b = compared_arrays(a, b, layers, sites)
     skipped = unpaired(a, b, both)
     both = [x for x in both if x not in skipped]
@@ -252,25 +288,16 @@ def compare(run_a: Run | str | os.PathLike, run_b: Run | str | os.PathLike, posi
         if va.width != vb.width:
             raise LayerScopeError(f"layer_{layer:02d}/{site} is {va.width} wide in {a.path} and {vb.width} in "
                                   f"{b.path}: not the same model shape")
-        for r, v, want in ((a, va, want_a), (b, vb, want_b)):
-            if v.positions == "all":
-                continue
-            if want is None:
-                raise LayerScopeError(f"layer_{layer:02d}/{site} holds the {v.positions} position only in {r.path}; "
-                                      f"compare it with --positions {v.positions}, or leave it out (--layers/--sites)")
-            held = _wanted(r, v.positions)
-            if not np.array_equal(held, want):
-                e = int(np.flatnonzero(held != want)[0])
-                raise LayerScopeError(f"layer_{layer:02d}/{site} holds the {v.positions} position only in {r.path}, "
-                                      f"and that is not the {positions} position of {_describe(r, e)} (a prompted "
-                                      f"pass that generates reads its answer before the reply); compare it with "
-                                      f"--positions {v.positions}, or leave it out (--layers/--sites)")
-        plan.append((layer, site))
+        plan.append((layer, site, _held(layer, site, a, va, want_a, positions),
+                     _held(layer, site, b, vb, want_b, positions)))
     rows = []
-    for layer, site in plan:
+    for layer, site, held_a, held_b in plan:
         for s in (names if by_split else [None]):
-            rows.append(_row(layer, site, s, positions, a.activations(layer, site, split=s),
-                             b.activations(layer, site, split=s), a, b, want_a, want_b))
+            e0, e1 = a.splits[s] if s is not None else (0, len(a))
+            va, vb = a.activations(layer, site, split=s), b.activations(layer, site, split=s)
+            ra = held_a[want_a.offsets[e0]:want_a.offsets[e1]] - va.row_range[0]
+            rb = held_b[want_b.offsets[e0]:want_b.offsets[e1]] - vb.row_range[0]
+            rows.append(_row(layer, site, s, positions, va, vb, ra, rb))
     return rows
 
 

@@ -1,10 +1,11 @@
 """What a planned run will cost before it starts: bytes per array and site, boundary bytes, jobs,
 and the weights each capture job holds.
 
-Rows come from the tokenized data set (``results/{run}/dataset/offsets.npy`` when
-``prepare_dataset`` has run, else the data set is tokenized here); weights come from the
-model's parameter shapes, read from a skeleton built on the meta device (no memory, no
-download beyond config.json).
+Rows come from the tokenized data set (``results/{run}/dataset/`` when ``prepare_dataset`` has
+run, else the data set is tokenized here): its offsets, and the spans its examples record, so
+the rows of an array at a span (``response``) are exact too; weights come from the model's
+parameter shapes, read from a skeleton built on the meta device (no memory, no download beyond
+config.json).
 """
 
 from __future__ import annotations
@@ -19,25 +20,26 @@ from layerscope.config import Plan
 from layerscope.models.architectures import Widths
 from layerscope.store.shards import ALIGN
 from layerscope.store.layout import STORAGE_DTYPES, make_layout
+from layerscope.store.rows import RowMap, array_rows
 
 COMPUTE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def plan_offsets(plan: Plan, results: Path) -> np.ndarray:
-    """Token offsets of the run's examples: the prepared ones, or tokenized now."""
-    prepared = results / "dataset" / "offsets.npy"
-    if prepared.is_file():
-        return np.load(prepared, allow_pickle=False)
-    import tempfile
+def plan_tokens(plan: Plan, results: Path) -> tuple[np.ndarray, list]:
+    """Token offsets of the run's examples and the spans each records: the prepared ones, or tokenized now."""
+    from layerscope.data.dataset import load_spans, prepare
 
-    from layerscope.data.dataset import prepare
+    prepared = results / "dataset"
+    if (prepared / "offsets.npy").is_file() and (prepared / "examples.jsonl").is_file():
+        return np.load(prepared / "offsets.npy", allow_pickle=False), load_spans(prepared)
+    import tempfile
 
     ds = plan.config["dataset"]
     with tempfile.TemporaryDirectory() as tmp:
         prepare(plan.base_dir / ds["path"], plan_tokenizer(plan), tmp, fmt=ds["format"],
                 default_split=ds["default_split"], max_length=ds["max_length"],
                 add_special_tokens=ds["add_special_tokens"], add_generation_prompt=ds["add_generation_prompt"])
-        return np.load(Path(tmp) / "offsets.npy", allow_pickle=False)
+        return np.load(Path(tmp) / "offsets.npy", allow_pickle=False), load_spans(tmp)
 
 
 def plan_tokenizer(plan: Plan):
@@ -112,8 +114,8 @@ def window_tokens(offsets: np.ndarray, examples: int) -> int:
     return int((csum[k:] - csum[:-k]).max()) if k > 0 else 0
 
 
-def job_memory(plan: Plan, offsets: np.ndarray, compute_bytes: int, weights: dict[str, int],
-               device: str) -> dict[str, dict[str, int]]:
+def job_memory(plan: Plan, offsets: np.ndarray, rows: dict[str, RowMap], compute_bytes: int,
+               weights: dict[str, int], device: str) -> dict[str, dict[str, int]]:
     """Per block, the memory one of its jobs needs beyond the Python runtime (about 0.4 GiB with torch).
 
     ``device``: weights plus one batch's activations at the longest example (about 8 hidden-wide
@@ -121,11 +123,12 @@ def job_memory(plan: Plan, offsets: np.ndarray, compute_bytes: int, weights: dic
     score matrix add batch x heads x T^2). ``host``: the rows a batch-by-length window holds for
     each captured array until its chunks are complete, a few chunk buffers per array, and the
     boundary rows of a batch; plus the weights and activations where the device is the CPU.
+    ``rows``: each position mode's rows (a span's window rows are bounded by the window's tokens).
     """
     cap, store = plan.config["capture"], plan.config["store"]
     itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
     h, inter = plan.dims.hidden_size, plan.dims.intermediate_size
-    n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
+    n_ex = len(offsets) - 1
     bs = cap["batch_size"]
     longest = int(np.diff(offsets).max()) if n_ex else 0
     window = window_tokens(offsets, cap["length_window"] * bs)
@@ -135,10 +138,9 @@ def job_memory(plan: Plan, offsets: np.ndarray, compute_bytes: int, weights: dic
         staging = chunks = 0
         for layer, site, pos in plan.captures(b):
             width = plan.widths.site(layer, site)
-            lay = make_layout(n_ex if pos != "all" else n_tok, width, itemsize, cap["parts"], store["chunk_mib"],
-                              store["shard_mib"])
-            rows = min(cap["length_window"] * bs, n_ex) if pos != "all" else window
-            staging += rows * width * itemsize
+            lay = make_layout(rows[pos].n_rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
+            held = window if rows[pos].per_token else min(cap["length_window"] * bs, n_ex)
+            staging += held * width * itemsize
             chunks += 4 * lay.chunk_rows * width * itemsize  # one being filled, one being written, a queue
         boundary = 2 * bs * longest * h * compute_bytes if b.reads_boundary or b.writes_boundary else 0
         dev = weights[b.name] + batch
@@ -162,16 +164,19 @@ def _blocks(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
-    """Bytes, rows, shards and jobs of the planned run; per block, the weights its jobs hold."""
+def estimate(plan: Plan, offsets: np.ndarray, spans: list | None = None, compute_dtype: str = "float32",
+             device: str = "cpu") -> dict[str, Any]:
+    """Bytes, rows, shards and jobs of the planned run; per block, the weights its jobs hold.
+    ``spans``: each example's recorded spans (plan_tokens), which arrays at a span need."""
     cap, store = plan.config["capture"], plan.config["store"]
     itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
     h = plan.dims.hidden_size
+    row_maps = {pos: array_rows(pos, offsets, spans) for pos in {p for b in plan.blocks for _, _, p in plan.captures(b)}}
     arrays, sites = [], {}
     for b in plan.blocks:
         for layer, site, pos in plan.captures(b):
-            rows = n_ex if pos != "all" else n_tok
+            rows = row_maps[pos].n_rows
             width = plan.widths.site(layer, site)
             lay = make_layout(rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
             nbytes = rows * width * itemsize
@@ -181,12 +186,12 @@ def estimate(plan: Plan, offsets: np.ndarray, compute_dtype: str = "float32", de
     boundary_item = np.dtype(ST_DTYPES[compute_dtype][1]).itemsize
     part_tokens = []
     for p in range(cap["parts"]):
-        spans = part_examples(offsets, chain_widths(plan), cap["dtype"], cap["parts"], store, p)
-        part_tokens.append(sum(int(offsets[b] - offsets[a]) for a, b in spans))
+        ranges = part_examples(offsets, chain_widths(plan), cap["dtype"], cap["parts"], store, p, spans)
+        part_tokens.append(sum(int(offsets[b] - offsets[a]) for a, b in ranges))
     per_boundary = [t * h * boundary_item for t in part_tokens]
     n_boundaries = sum(b.writes_boundary for b in plan.blocks)
     weights = block_weight_bytes(plan, COMPUTE_BYTES[compute_dtype])
-    memory = job_memory(plan, offsets, COMPUTE_BYTES[compute_dtype], weights, device)
+    memory = job_memory(plan, offsets, row_maps, COMPUTE_BYTES[compute_dtype], weights, device)
     return {
         "examples": n_ex, "tokens": n_tok, "jobs": len(plan.blocks) * cap["parts"],
         "blocks": [{"name": b.name, "layers": list(b.layers), "weight_bytes": weights[b.name], **memory[b.name],

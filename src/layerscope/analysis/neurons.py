@@ -9,6 +9,7 @@ infinite values (float16 overflow) are left out of every statistic.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,11 +50,6 @@ class Scan:
         return best, np.nan_to_num(sel).astype(np.float32)
 
 
-def _row_examples(run: Run, positions: str, r0: int, r1: int) -> np.ndarray:
-    rows = np.arange(r0, r1)
-    return rows if positions != "all" else np.searchsorted(run.offsets, rows, side="right") - 1
-
-
 def _merge_best(best_v: np.ndarray | None, best_e: np.ndarray | None, v: np.ndarray, e: np.ndarray,
                 k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
     """The k best of a running [k', width] best and new [n, width] candidates (one row per example)."""
@@ -79,7 +75,8 @@ def scan(run: Run, acts, k: int) -> Scan:
     """One pass over ``acts`` (a whole-run Activations view): see the module docstring."""
     width = acts.width
     splits = list(run.splits.values())
-    bounds = [(a, b) if acts.positions != "all" else (int(run.offsets[a]), int(run.offsets[b])) for a, b in splits]
+    rows = acts.map
+    bounds = [(int(rows.offsets[a]), int(rows.offsets[b])) for a, b in splits]
     s1 = np.zeros((len(splits), width)); s2 = np.zeros(width); cnt = np.zeros((len(splits), width))
     mx = np.full(width, -np.inf, np.float32); mn = np.full(width, np.inf, np.float32)
     top = bot = (None, None)
@@ -103,10 +100,10 @@ def scan(run: Run, acts, k: int) -> Scan:
                     s1[i] += np.nansum(part, 0, dtype=np.float64)
                     s2 += np.nansum(np.square(part, dtype=np.float64), 0)
                     cnt[i] += np.count_nonzero(finite[lo - r0:hi - r0], 0)
-        ex = _row_examples(run, acts.positions, r0, r1)
+        ex = rows.examples(r0, r1)
         starts = np.flatnonzero(np.diff(ex, prepend=-1))
         seg_e = ex[starts]
-        if acts.positions != "all":
+        if not acts.per_token:
             hi_v = lo_v = x
         else:
             # one reduction per example slice: ~15x faster than ufunc.reduceat along axis 0
@@ -191,9 +188,12 @@ def range_samples(run: Run, acts, cards: np.ndarray, ranges: int) -> np.ndarray:
     for e in range(n_ex):
         x = np.asarray(acts.example(e), dtype=np.float64)[..., cards]
         peaks[e] = np.nanmax(np.atleast_2d(x), axis=0) if np.isfinite(x).any() else np.nan
-    lo, hi = np.nanmin(peaks, axis=0), np.nanmax(peaks, axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    b = np.clip(np.floor((np.nan_to_num(peaks, nan=-np.inf) - lo) / span * ranges), -1, ranges - 1).astype(np.int64)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):  # a neuron without a value (no rows): no sample
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanmin(peaks, axis=0), np.nanmax(peaks, axis=0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        b = np.floor((np.nan_to_num(peaks, nan=-np.inf) - lo) / span * ranges)
+    b = np.clip(np.nan_to_num(b, nan=-1.0, neginf=-1.0), -1, ranges - 1).astype(np.int64)
     for c in range(len(cards)):
         for r in range(ranges):
             hit = np.flatnonzero(b[:, c] == r)
@@ -213,17 +213,19 @@ def contexts(run: Run, acts, cards: np.ndarray, examples: np.ndarray, largest: b
             if e >= 0:
                 wanted.setdefault(int(e), []).append((c, j))
     out = {}
+    rows = acts.map
     for e, uses in sorted(wanted.items()):
-        x = acts.example(e)  # [tokens, width], or [width] for a `last` array
+        x = np.atleast_2d(acts.example(e))  # the example's rows: every token, a span's, or its one row
         n_tok = int(run.offsets[e + 1] - run.offsets[e])
+        at = rows.positions_of(np.arange(rows.offsets[e], rows.offsets[e + 1]))  # each row's token
         for c, j in uses:
-            col = np.asarray(x[..., cards[c]], dtype=np.float32)
-            if acts.positions != "all":
-                pos, series = n_tok - 1, np.full(n_tok, np.nan, np.float32)
-                series[pos] = col
-            else:
-                series = np.where(np.isfinite(col), col, np.nan)
+            series = np.full(n_tok, np.nan, np.float32)
+            col = np.asarray(x[:, cards[c]], dtype=np.float32)
+            series[at] = np.where(np.isfinite(col), col, np.nan)
+            if acts.per_token:
                 pos = int(np.nanargmax(series) if largest else np.nanargmin(series))
+            else:
+                pos = int(at[0])
             a, b = max(0, pos - context), min(n_tok, pos + context + 1)
             out[(c, j)] = {"e": e, "pos": pos, "value": float(series[pos]), "start": a, "values": series[a:b]}
     return out

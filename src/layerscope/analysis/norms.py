@@ -4,12 +4,15 @@ One pass over each (layer, site) array gives the norm of every row; everything t
 show is derived from those norms: the token x layer view of a few examples, the norm at each
 example's last token (the layer x example view, defined for ``last`` and ``all`` captures
 alike), and per-split means, by position for ``all`` captures and at the last token for both.
+A span capture (``response``) counts as a token capture whose tokens outside the span, its last
+token among them, are missing (NaN, left out of means).
 The same summaries of ``||a - b||``, two variants of a run on the same tokens (adapter and base),
 give the difference view (``diff_norms``).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -60,9 +63,11 @@ def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int
 
     ``layers``/``positions``: the layers and each one's positions; ``last``: [layers, columns]
     norm at the last token of the ``columns`` examples; ``split_last``: {split: [layers]} mean of
-    that over every example of the split; for the ``all`` layers (``token_layers``): ``tokens``,
-    per token example a [token_layers, tokens] array, and ``split_pos``/``pos_count``: {split:
-    [token_layers, positions]} mean norm at each position over the split's examples that reach it.
+    that over every example of the split; for the layers with a row per token (``token_layers``:
+    ``all``, or a span, NaN at the tokens outside it): ``tokens``, per token example a
+    [token_layers, tokens] array, and ``split_pos``/``pos_count``: {split: [token_layers,
+    positions]} mean norm at each position over the split's examples that reach it (with a value
+    there), and their count in the layer that has most.
     """
     if layers is None:
         layers = [L for L, s in run.arrays if s == site]
@@ -71,39 +76,50 @@ def site_norms(run: Run, site: str, token_examples: list[int], columns: list[int
     offsets = run.offsets
     n_ex = len(offsets) - 1
     lengths = np.diff(offsets)
-    last_rows = offsets[1:] - 1
+    width = int(lengths.max()) if n_ex else 0
     columns_a = np.asarray(columns, dtype=np.int64)
     positions, last, split_last = [], [], {s: [] for s in run.splits}
     token_layers: list[int] = []
     tokens: list[list[np.ndarray]] = [[] for _ in token_examples]
     split_pos: dict[str, list[np.ndarray]] = {s: [] for s in run.splits}
     pos_count: dict[str, np.ndarray] = {}
-    pos_of_row = None
+    pos_of: dict[str, np.ndarray] = {}  # positions mode -> each row's position in its example
     for L in layers:
         acts = run.activations(L, site)
+        rows = acts.map
         norms = row_norms(acts) if norms_of is None else norms_of(L)
         positions.append(acts.positions)
-        at_last = norms[last_rows] if acts.positions == "all" else norms
+        if acts.per_token:  # at the example's last token, where the array holds it (a span may not)
+            held = rows.rows_of(offsets[1:] - 1)
+            at_last = np.where(held >= 0, norms[np.maximum(held, 0)] if len(norms) else np.nan, np.nan)
+        else:  # the example's one row: its last token, or its answer position
+            at_last = norms
         last.append(at_last[columns_a])
         for s, (a, b) in run.splits.items():
-            split_last[s].append(float(np.nanmean(at_last[a:b])) if b > a else np.nan)
-        if acts.positions != "all":
+            with warnings.catch_warnings():  # a split whose every value is missing: NaN, said once here
+                warnings.simplefilter("ignore", RuntimeWarning)
+                split_last[s].append(float(np.nanmean(at_last[a:b])) if b > a else np.nan)
+        if not acts.per_token:
             continue
         token_layers.append(L)
-        for i, e in enumerate(token_examples):
-            tokens[i].append(norms[offsets[e]:offsets[e + 1]])
-        if pos_of_row is None:
-            pos_of_row = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-        width = int(lengths.max()) if n_ex else 0
+        if acts.positions not in pos_of:
+            pos_of[acts.positions] = rows.positions_of(np.arange(rows.n_rows))
+        pos_of_row = pos_of[acts.positions]
+        for i, e in enumerate(token_examples):  # every token of the example, NaN where not captured
+            t = np.full(int(lengths[e]), np.nan, np.float32)
+            r0, r1 = rows.offsets[e], rows.offsets[e + 1]
+            t[pos_of_row[r0:r1]] = norms[r0:r1]
+            tokens[i].append(t)
         for s, (a, b) in run.splits.items():
-            r0, r1 = offsets[a], offsets[b]
+            r0, r1 = rows.offsets[a], rows.offsets[b]
             ok = np.isfinite(norms[r0:r1])
             p = pos_of_row[r0:r1][ok]
             count = np.bincount(p, minlength=width)
             total = np.bincount(p, weights=norms[r0:r1][ok], minlength=width)
             with np.errstate(invalid="ignore", divide="ignore"):
                 split_pos[s].append((total / count).astype(np.float32))
-            pos_count[s] = count.astype(np.int64)
+            # the examples reaching each position in any layer: a span layer reaches fewer
+            pos_count[s] = np.maximum(pos_count.get(s, 0), count).astype(np.int64)
     out: dict[str, Any] = {"layers": layers, "positions": positions, "last": np.array(last, dtype=np.float32),
                            "split_last": {s: np.array(v, dtype=np.float32) for s, v in split_last.items()}}
     if token_layers:

@@ -80,7 +80,8 @@ def summarize(run_dir: str | os.PathLike, target: dict[str, Any], vector: np.nda
 def page_data(run_dir: str | os.PathLike, summary: dict[str, Any], examples: int = 8) -> dict[str, Any]:
     """What the steering page shows, for the first ``examples`` examples: per layer and token the L2
     norm of the normal, steered and difference streams, and the difference in regions (for the
-    layer x region x token view); plus the summary's per-layer curves."""
+    layer x region x token view); plus the summary's per-layer curves. The tokens are those every
+    layer holds: all of them, the last one where a layer holds one row per example, a span's."""
     from layerscope.data.tokens import load_decoder, token_texts
     from layerscope.fileio import read_json
 
@@ -90,20 +91,24 @@ def page_data(run_dir: str | os.PathLike, summary: dict[str, Any], examples: int
     decoder = load_decoder(read_json(normal.path / "model" / "manifest.json"))
     n_regions = summary["n_regions"]
     docs = []
+    views = [layer_views(normal, steered, L) for L in layers]
     for e in range(min(examples, len(normal))):
-        norms = np.zeros((3, len(layers), int(normal.examples[e]["n_tokens"])), dtype=np.float32)
-        reg = np.zeros((len(layers), n_regions, norms.shape[2]), dtype=np.float32)
-        for li, L in enumerate(layers):
-            a, b = layer_views(normal, steered, L)
-            x, y = example_rows(a, e), example_rows(b, e)
-            if len(x) != norms.shape[2]:  # last-position arrays: one row, shown at the last token
-                norms, reg = norms[:, :, -1:], reg[:, :, -1:]
+        # the tokens every layer holds: all of them, the last (or answer) token, or a span's
+        held = [a.map.positions_of(np.arange(a.map.offsets[e], a.map.offsets[e + 1])) for a, _ in views]
+        keep = held[0]
+        for h in held[1:]:
+            keep = np.intersect1d(keep, h)
+        norms = np.zeros((3, len(layers), len(keep)), dtype=np.float32)
+        reg = np.zeros((len(layers), n_regions, len(keep)), dtype=np.float32)
+        for li, (a, b) in enumerate(views):
+            sel = np.searchsorted(held[li], keep)
+            x, y = example_rows(a, e)[sel], example_rows(b, e)[sel]
             d = y - x
             norms[:, li] = [np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1), np.linalg.norm(d, axis=1)]
             reg[li] = regions(d, n_regions).T
-        ids = normal.tokens(e).tolist()
+        texts = token_texts(decoder, normal.tokens(e).tolist())
         docs.append({"id": normal.examples[e]["id"], "split": normal.examples[e]["split"],
-                     "tokens": token_texts(decoder, ids)[-norms.shape[2]:], "norms": norms, "regions": reg})
+                     "tokens": [texts[int(p)] for p in keep], "norms": norms, "regions": reg})
     return {"target": t, "model": normal.metadata["model_name"], "layers": layers,
             "correlation": [summary["correlation"][str(L)] if str(L) in summary["correlation"]
                             else summary["correlation"][L] for L in layers],

@@ -153,7 +153,7 @@ def missing_heatmap(run: Run, heatmap_examples: int) -> str | None:
     norm_arrays = [(L, s) for L, s in run.arrays if s in NORM_SITES]
     if not norm_arrays:
         return ("No heatmaps: none of resid_post, attn_out, mlp_out was captured; add one to capture.sites.")
-    if not any(run.activations(L, s).positions == "all" for L, s in norm_arrays):
+    if not any(run.activations(L, s).per_token for L, s in norm_arrays):
         return ("No token x layer heatmap: the sites were captured at the last position only, so the page shows "
                 "the layer x example view; capture them with capture.positions: all (or per layer in "
                 "capture.overrides) for a token x layer view.")
@@ -270,12 +270,10 @@ def _layer_neurons(site: str, top_k: int, context: int, neurons_per_layer: int, 
                    run: Run, layer: int) -> dict[str, Any]:
     """One layer's neuron statistics and cards. Its entries' ``doc`` index ``spans``, the (example,
     start, end) spans they show, for the caller to turn into docs (Texts lives in one process)."""
-    counts = np.array([b - a for a, b in run.splits.values()])
     acts = run.activations(layer, site)
     sc = nz.scan(run, acts, top_k)
-    tok_counts = counts if acts.positions != "all" else np.array(
-        [run.offsets[b] - run.offsets[a] for a, b in run.splits.values()])
-    best, sel = sc.selectivity(tok_counts)
+    best, sel = sc.selectivity(np.array([acts.map.offsets[b] - acts.map.offsets[a]  # rows per split
+                                         for a, b in run.splits.values()]))
     cards = nz.pick_cards(sc, sel, neurons_per_layer)
     lo, hi = sc.min[cards], sc.max[cards]
     out: dict[str, Any] = {"width": acts.width, "positions": acts.positions, "max": sc.max, "min": sc.min,

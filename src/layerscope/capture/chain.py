@@ -17,13 +17,14 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from layerscope.errors import IncompleteRunError
 from layerscope.fileio import PendingFile
 from layerscope.store.layout import STORAGE_DTYPES, make_layout
+from layerscope.store.rows import span_names, span_tokens
 
 FORMAT = "layerscope-boundary-1"
 # safetensors dtype names, and the numpy dtype that holds each one's bytes (bfloat16 as raw bits).
@@ -37,30 +38,31 @@ def boundary_path(results: str | os.PathLike, layer: int, part: int | str, varia
 
 
 def part_examples(offsets: np.ndarray, widths: set[int], dtype: str, parts: int,
-                  store_cfg: dict[str, Any], part: int) -> list[tuple[int, int]]:
+                  store_cfg: dict[str, Any], part: int,
+                  spans: Sequence[dict[str, Any] | None] | None = None) -> list[tuple[int, int]]:
     """The examples a part's jobs compute, whatever they capture: sorted, disjoint [start, end) ranges.
 
     A part of an array is a whole number of shards, so its rows can begin or end inside an
     example, and arrays of other widths or position modes split differently. Every job of a
-    part computes the examples of every layout an array could have in this run (last or all
-    positions, each of ``widths``), so its boundary serves every job above it,
-    including ones for layers or sites added later. The ranges are kept apart rather than
-    spanned: a part's ``last`` rows and its ``all`` rows can lie far apart in the data set.
+    part computes the examples of every layout an array could have in this run (one row per
+    example, one per token, or one per token of each span the examples record in ``spans``, each
+    of ``widths``), so its boundary serves every job above it, including ones for layers, sites
+    or positions added later. The ranges are kept apart rather than spanned: a part's ``last``
+    rows and its ``all`` rows can lie far apart in the data set.
     """
-    n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
+    n_ex = len(offsets) - 1
     itemsize = STORAGE_DTYPES[dtype].itemsize
+    layouts = [np.arange(n_ex + 1), np.asarray(offsets)]
+    layouts += [span_tokens(name, offsets, spans)[0] for name in sorted(span_names(spans or []))]
     ranges = []
     for width in sorted(widths):
-        for rows in (n_ex, n_tok):
-            lay = make_layout(rows, width, itemsize, parts, store_cfg["chunk_mib"], store_cfg["shard_mib"])
+        for rows in layouts:
+            lay = make_layout(int(rows[-1]), width, itemsize, parts, store_cfg["chunk_mib"], store_cfg["shard_mib"])
             r0, r1 = lay.part_range(part)
             if r0 >= r1:
                 continue
-            if rows == n_ex and rows != n_tok:
-                ranges.append((r0, r1))
-            else:
-                ranges.append((int(np.searchsorted(offsets, r0, side="right")) - 1,
-                               int(np.searchsorted(offsets, r1, side="left"))))
+            # the examples holding rows [r0, r1): from the one holding r0 to the last starting before r1
+            ranges.append((int(np.searchsorted(rows, r0, side="right")) - 1, int(np.searchsorted(rows, r1, side="left"))))
     merged: list[tuple[int, int]] = []
     for e0, e1 in sorted(ranges):
         if merged and e0 <= merged[-1][1]:

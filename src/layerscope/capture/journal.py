@@ -40,6 +40,7 @@ class Journal:
         self.key = json.loads(json.dumps(key))  # as it reads back from the file
         self.shards: dict[str, dict[int, dict[str, int]]] = {}  # array -> shard -> value counts
         self.batches = 0
+        self.loaded = False  # whether load() found a previous attempt's progress to go on from
         self._lock = threading.Lock()
         self._fd = -1
 
@@ -58,6 +59,7 @@ class Journal:
         if not events or events[0].get("key") != self.key:
             log.info("progress in %s is from another configuration: starting over", self.path)
             return False
+        self.loaded = True
         for e in events[1:]:
             if "shard" in e:
                 self.shards.setdefault(e["array"], {})[e["shard"]] = e["counts"]

@@ -33,12 +33,13 @@ from layerscope.capture.journal import Journal, progress_dir
 from layerscope.capture.partial import load_block, weight_bytes
 from layerscope.capture.router import ArrayJob, BufferPool, Router
 from layerscope.config import Block, dumps_stable
-from layerscope.data.dataset import load_answer_index, load_tokens
-from layerscope.errors import ModelError
+from layerscope.data.dataset import load_answer_index, load_spans, load_tokens
+from layerscope.errors import DataError, ModelError
 from layerscope.models.adapters import LORA_SITES, split_site
 from layerscope.models.architectures import Widths, chain_widths
 from layerscope.models.loading import resolve_device, resolve_dtype
 from layerscope.store.layout import STORAGE_DTYPES, array_metadata, make_layout, prepare_array, write_marker
+from layerscope.store.rows import PER_EXAMPLE, RowMap, array_rows, is_span, row_dim, span_names
 from layerscope.store.shards import chunk_encoder, direct_io_supported, shard_key
 from layerscope.store.writer import ShardWriter
 
@@ -68,15 +69,15 @@ class Variant:
 
 
 def plan_arrays(captures: list[tuple[int, str, str]], params: dict[str, Any], widths: Widths,
-                n_examples: int, n_tokens: int, part: int) -> list[ArrayJob]:
-    """This part's share of every array in ``captures`` ((layer, site, positions) triples)."""
+                rows: dict[str, RowMap], part: int) -> list[ArrayJob]:
+    """This part's share of every array in ``captures`` ((layer, site, positions) triples); ``rows``:
+    each position mode's rows (store/rows.py)."""
     st = params["store"]
     itemsize = STORAGE_DTYPES[params["dtype"]].itemsize
     jobs = []
     for layer, site, pos in captures:
-        rows = n_examples if pos != "all" else n_tokens
         width = widths.site(layer, site)
-        lay = make_layout(rows, width, itemsize, params["parts"], st["chunk_mib"], st["shard_mib"])
+        lay = make_layout(rows[pos].n_rows, width, itemsize, params["parts"], st["chunk_mib"], st["shard_mib"])
         r0, r1 = lay.part_range(part)
         jobs.append(ArrayJob(layer, site, pos, lay, r0, r1))
     return jobs
@@ -94,7 +95,8 @@ def resume_arrays(jobs: list[ArrayJob], journal: Journal, part: int) -> None:
         j.written = sorted(j.kept)
 
 
-def first_window(windows: list[Window], jobs: list[ArrayJob], offsets: np.ndarray, boundary_windows: int | None) -> int:
+def first_window(windows: list[Window], jobs: list[ArrayJob], rows: dict[str, RowMap],
+                 boundary_windows: int | None) -> int:
     """The first window that an unfinished shard or boundary still needs (``len(windows)``: none).
 
     Windows keep the uninterrupted run's batches, so the recomputed rows are the same bytes.
@@ -102,9 +104,23 @@ def first_window(windows: list[Window], jobs: list[ArrayJob], offsets: np.ndarra
     k = len(windows) if boundary_windows is None else boundary_windows
     for j in jobs:
         if j.start < j.r1:
-            e = j.start if j.positions != "all" else int(np.searchsorted(offsets, j.start, side="right")) - 1
+            e = int(rows[j.positions].examples_of(np.array([j.start]))[0])
             k = min(k, next(i for i, w in enumerate(windows) if w.e1 > e))
     return k
+
+
+def row_maps(dataset_dir: str | os.PathLike, offsets: np.ndarray, answer_index: np.ndarray, positions: set[str],
+             spans: list | None) -> dict[str, RowMap]:
+    """The rows of each position mode in ``positions``; refuses a span no example records."""
+    out = {}
+    for pos in positions:
+        if is_span(pos):
+            if spans is None or pos not in span_names(spans):
+                raise DataError(f"{dataset_dir}: no example records the span {pos!r} (its examples record "
+                                f"{', '.join(sorted(span_names(spans or []))) or 'no spans'}; role spans need a fast "
+                                "tokenizer's character offsets), so its arrays would hold nothing")
+        out[pos] = array_rows(pos, offsets, spans, answer_index, where=f"{dataset_dir}: ")
+    return out
 
 
 def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_root: str | os.PathLike,
@@ -146,7 +162,7 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
                          f"{m['num_layers']} layers; re-plan the workflow")
     token_ids, offsets = load_tokens(dataset_dir)
     answer_index = load_answer_index(dataset_dir, offsets)
-    n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
+    n_ex = len(offsets) - 1
     main = main_variant(manifest) if steer is None else f"steer-{steer['name']}"
     more = manifest.get("adapters") or {}
     vs = [Variant(main, Path(store_root), captures, boundary_in, boundary_out)]
@@ -159,11 +175,18 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
             raise ModelError("capture: the base variant runs without the adapter: it has no LoRA sites")
         vs.append(Variant(name, Path(v["store_root"]), v["captures"], v.get("boundary_in"), v.get("boundary_out"),
                           adapter=name if name in more else None))
+    positions = {p for v in vs for _, _, p in v.captures}
+    # The examples' spans decide the rows of span arrays, and where any part's rows begin (the
+    # examples a part computes count every layout, see part_examples); a run of one part
+    # computes every example whatever its layouts.
+    recorded = load_spans(dataset_dir) if params["parts"] > 1 or any(map(is_span, positions)) else None
+    rows = row_maps(dataset_dir, offsets, answer_index, positions, recorded)
     # Every variant's arrays are cut from the same example spans, so they cover every variant's widths.
-    spans = part_examples(offsets, chain_widths(manifest), params["dtype"], params["parts"], params["store"], part)
+    spans = part_examples(offsets, chain_widths(manifest), params["dtype"], params["parts"], params["store"], part,
+                          recorded)
     for v in vs:
         # a more adapter's LoRA sites have its own modules and ranks; every other pass has the main adapter's
-        v.jobs = plan_arrays(v.captures, params, Widths.of(manifest, v.adapter), n_ex, n_tok, part)
+        v.jobs = plan_arrays(v.captures, params, Widths.of(manifest, v.adapter), rows, part)
         for j in v.jobs:
             j.array_dir = v.root / f"layer_{j.layer:02d}" / j.site
             j.variant = "" if v.name == main else v.name
@@ -178,7 +201,7 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
         resume_arrays(jobs, journal, part)
     for v in vs:
         for j in v.jobs:
-            dims = ("example" if j.positions != "all" else "token", "neuron" if j.site == "mlp_act" else "hidden")
+            dims = (row_dim(j.positions), "neuron" if j.site == "mlp_act" else "hidden")
             attrs = {"layer": j.layer, "site": j.site, "positions": j.positions, "parts": params["parts"],
                      "variant": v.name}
             prepare_array(v.root, j.layer, j.site, part, j.layout, array_metadata(j.layout, params["dtype"],
@@ -190,8 +213,8 @@ def run_capture(manifest: dict[str, Any], dataset_dir: str | os.PathLike, store_
              boundary_out or "(none)")
     shared = JobStats()
     stats: dict[str, Any] = {"examples": [list(sp) for sp in spans], "tokens": vs[0].chain.tokens}
-    stats["resumed"] = _capture_examples(manifest, params, device, vs, token_ids, offsets, answer_index, part, group,
-                                         journal, shared, loaded, steer)
+    stats["resumed"] = _capture_examples(manifest, params, device, vs, token_ids, offsets, answer_index, rows, part,
+                                         group, journal, shared, loaded, steer)
     elapsed = time.perf_counter() - t_start
     stats["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["weight_mib"] = round(shared.weight_bytes / 2**20, 1)
@@ -274,8 +297,9 @@ def fingerprint(manifest: dict[str, Any], params: dict[str, Any]) -> str:
     return hashlib.sha256(dumps_stable({"files": files, "params": rest}).encode()).hexdigest()[:16]
 
 
-def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, offsets, answer_index, part, group,
-                      journal: Journal, shared: JobStats, loaded=None, steer=None) -> dict[str, int] | None:
+def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, offsets, answer_index,
+                      rows: dict[str, RowMap], part, group, journal: Journal, shared: JobStats, loaded=None,
+                      steer=None) -> dict[str, int] | None:
     """Run the batches; returns what a resumed attempt kept (None when it started afresh)."""
     dev = resolve_device(device)
     m = manifest["model"]
@@ -324,14 +348,20 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
         if batch["variant"] is not v:
             return
         router = v.chain.routers[i]
-        if v.jobs[i].positions != "all":  # one row per example: its last token, or its answer position
-            rows = x[batch["rows"], batch[v.jobs[i].positions]]
+        pos = v.jobs[i].positions
+        if pos in PER_EXAMPLE:  # one row per example: its last token, or its answer position
+            got = x[batch["rows"], batch[pos]]
             for (e0, k0, _, _), k1 in zip(batch["runs"], batch["k_ends"]):
-                router.add(e0, rows[k0:k1])
-        else:
-            rows = rows_of(x)
+                router.add(e0, got[k0:k1])
+        elif pos == "all":
+            got = rows_of(x)
             for e0, _, f0, f1 in batch["runs"]:
-                router.add(int(offsets[e0]), rows[f0:f1])
+                router.add(int(offsets[e0]), got[f0:f1])
+        else:  # a span: its tokens of each example, gathered in store order
+            idx, cuts = batch["spans"][pos]
+            got = x.reshape(-1, x.shape[-1])[idx]
+            for g0, s0, s1 in cuts:
+                router.add(g0, got[s0:s1])
 
     def hand_on(x: torch.Tensor) -> None:
         out = batch["variant"].chain.output
@@ -381,16 +411,19 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
     passes = [(v, model.disable_adapter if v.name == "base" and hasattr(model, "disable_adapter")
                else (lambda name=v.adapter: _active_adapter(model, name)) if v.adapter is not None
                else contextlib.nullcontext) for v in vs]
+    span_rows = {p: rows[p] for p in {j.positions for j in jobs} if is_span(p)}
     bs = params["batch_size"]
     left = params["padding_side"] == "left"
     windows = plan_windows(first.spans, offsets, bs, params["length_window"])
     n_batches = sum(len(w.batches) for w in windows)
     outputs = [v.chain.output for v in vs if v.chain.output is not None]
     written = journal.batches if outputs and all(o.resumed for o in outputs) else 0
-    k0 = first_window(windows, jobs, offsets, written if outputs else None)
+    k0 = first_window(windows, jobs, rows, written if outputs else None)
     kept = sum(len(j.kept) for j in jobs)
     skipped = sum(len(w.batches) for w in windows[:k0])
-    resumed = {"kept_shards": kept, "skipped_batches": skipped, "batches": n_batches} if kept or k0 else None
+    # a fresh attempt may skip windows too, where no array of it has rows there: that resumes nothing
+    resumed = ({"kept_shards": kept, "skipped_batches": skipped, "batches": n_batches}
+               if journal.loaded and (kept or k0) else None)
     waste, in_order = padding(windows, offsets, bs)
     shared.padding = round(waste, 4)
     log.info("padding: %.1f%% of batch positions (%.1f%% in data set order; capture.length_window %d)",
@@ -405,7 +438,7 @@ def _capture_examples(manifest, params, device, vs: list[Variant], token_ids, of
             for k in range(k0, len(windows)):
                 for examples in windows[k].batches:
                     inputs = _prepare_batch(examples, windows[k].span, first, batch, token_ids, offsets,
-                                            answer_index, pad_id, left, dev, tdtype, embed_dim)
+                                            answer_index, span_rows, pad_id, left, dev, tdtype, embed_dim)
                     for v, switch in passes:
                         batch["variant"] = v
                         if v.chain.input is not None:
@@ -455,8 +488,8 @@ def _active_adapter(model, name: str):
 
 
 def _prepare_batch(examples: np.ndarray, span: int, chain: Chain, batch: dict[str, Any], token_ids: np.ndarray,
-                   offsets: np.ndarray, answer_index: np.ndarray, pad_id: int, left: bool, dev: str, tdtype: torch.dtype,
-                   embed_dim: int) -> dict[str, torch.Tensor]:
+                   offsets: np.ndarray, answer_index: np.ndarray, span_rows: dict[str, RowMap], pad_id: int,
+                   left: bool, dev: str, tdtype: torch.dtype, embed_dim: int) -> dict[str, torch.Tensor]:
     """Tokens, mask and positions of one batch (shared by its variants' passes), and where the
     hooks put its rows (``batch``); returns the model's inputs."""
     ids, mask, lens = batch_arrays(token_ids, offsets, examples, pad_id, left)
@@ -465,9 +498,13 @@ def _prepare_batch(examples: np.ndarray, span: int, chain: Chain, batch: dict[st
     last = np.full(len(lens), ids.shape[1] - 1) if left else lens - 1
     answer = last - (lens - 1) + answer_index[examples]  # the answer's index within the example, padded like it
     rs = runs(examples, offsets)
+    k_ends = [k for _, k, _, _ in rs[1:]] + [len(examples)]
     # where each run's rows go in a boundary, which holds the span's tokens one after another
     brows = [chain.span_row[span] + int(offsets[e0] - offsets[span]) for e0, _, _, _ in rs]
-    batch.update(runs=rs, brows=brows, k_ends=[k for _, k, _, _ in rs[1:]] + [len(examples)], mask=mask_t,
+    batch["spans"] = {name: _span_selection(rm, examples, offsets, rs, k_ends, ids.shape[1] - lens if left
+                                            else np.zeros_like(lens), ids.shape[1], dev)
+                      for name, rm in span_rows.items()}
+    batch.update(runs=rs, brows=brows, k_ends=k_ends, mask=mask_t,
                  pos=(mask_t.cumsum(-1) - 1).clamp(min=0), mask_np=mask, sel=mask_t.bool() if padded else None,
                  rows=torch.arange(len(examples), device=dev), last=torch.from_numpy(last).to(dev),
                  answer=torch.from_numpy(answer).to(dev))
@@ -475,6 +512,22 @@ def _prepare_batch(examples: np.ndarray, span: int, chain: Chain, batch: dict[st
         return {"input_ids": torch.from_numpy(ids).to(dev, non_blocking=True)}
     # Only the shape, dtype and device of the embeddings matter below the block.
     return {"inputs_embeds": torch.zeros((len(examples), ids.shape[1], embed_dim), dtype=tdtype, device=dev)}
+
+
+def _span_selection(rm: RowMap, examples: np.ndarray, offsets: np.ndarray, rs: list, k_ends: list[int],
+                    shift: np.ndarray, width: int, dev: str) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Where a span's tokens are in a batch's [batch * seq] positions (``shift``: each example's
+    left padding), in store order, and per run of consecutive examples its first row in the
+    array and its slice of the selection."""
+    idx = [rm.tokens[rm.offsets[e]:rm.offsets[e + 1]] - offsets[e] + shift[k] + k * width
+           for k, e in enumerate(examples)]
+    cuts, s = [], 0
+    for (e0, k0, _, _), k1 in zip(rs, k_ends):
+        e1 = int(examples[k1 - 1]) + 1
+        n = int(rm.offsets[e1] - rm.offsets[e0])
+        cuts.append((int(rm.offsets[e0]), s, s + n))
+        s += n
+    return torch.from_numpy(np.concatenate(idx) if idx else np.zeros(0, np.int64)).to(dev), cuts
 
 
 def _boundary_rows(chain: Chain, batch: dict[str, Any], dev: str, tdtype: torch.dtype) -> torch.Tensor:

@@ -253,6 +253,26 @@ def chat_spans(ex: dict[str, Any], offsets: list[tuple[int, int]] | None, n: int
     return spans
 
 
+def possible_spans(path: str | os.PathLike, fmt: str, wanted: set[str]) -> set[str]:
+    """Which of the span names ``wanted`` some record of a data set can have: ``prompt`` any record;
+    ``response`` a chat record with an assistant message, ``role:NAME`` one with a message of that
+    role (with content). Reads records only until every wanted name is found."""
+    found = {"prompt"} & wanted
+    for _, rec in read_records(path, fmt):
+        if found >= wanted:
+            break
+        msgs = rec.get("messages")
+        for m in msgs if isinstance(msgs, list) else []:
+            if isinstance(m, dict) and m.get("content") and isinstance(m.get("role"), str):
+                found |= {f"role:{m['role']}"} | ({"response"} if m["role"] == "assistant" else set())
+    return found & wanted
+
+
+def load_spans(dataset_dir: str | os.PathLike) -> list[dict[str, list[list[int]]] | None]:
+    """Each example's recorded spans (None where an older LayerScope prepared it), in store order."""
+    return [ex.get("spans") for ex in load_examples(Path(dataset_dir) / "examples.jsonl")]
+
+
 def write_tokenized(out_dir: str | os.PathLike, examples: list[dict[str, Any]], ids_list: list[np.ndarray],
                     source: str | os.PathLike, answer_index: np.ndarray | None = None) -> np.ndarray:
     """Write a tokenized data set (examples in store order, with their ids) into ``out_dir``; return the offsets.

@@ -135,11 +135,9 @@ def out_dtype(view: Activations) -> np.dtype:
 
 
 def last_rows(view: Activations, offsets: np.ndarray, a: int, b: int) -> np.ndarray:
-    """Examples [a, b) of the view at their last token, from a ``last`` or an ``all`` array."""
-    if view.positions != "all":
-        return view.rows(a, b)
-    base = offsets[view.e0]
-    return view.take(offsets[view.e0 + a + 1:view.e0 + b + 1] - 1 - base)
+    """Examples [a, b) of the view at their last token, from any array that holds it (``last``,
+    ``all``, a span that reaches it); refuses one that leaves it out."""
+    return view.take(view.rows_at(offsets[view.e0 + a + 1:view.e0 + b + 1] - 1, "the last token"))
 
 
 def example_blocks(offsets: np.ndarray, e0: int, e1: int, per_example_bytes: int | np.ndarray,

@@ -32,6 +32,8 @@ def check(run: Run, arrays: list[tuple[int, str]], shard_size: int) -> None:
     check_split_names(run, "seed001")
     if shard_size < 1:
         raise LayerScopeError(f"--shard-size must be 1 or more, not {shard_size}")
+    for L, site in arrays:  # arrays at a span may leave an example's last token out
+        run.activations(L, site).rows_at(run.offsets[1:] - 1, "the last token")
     for split, (e0, e1) in run.splits.items():
         if math.ceil((e1 - e0) / shard_size) > MAX_SHARDS:
             raise LayerScopeError(f"split {split!r}: {e1 - e0} examples make more than {MAX_SHARDS} shards of "

@@ -36,6 +36,7 @@ from layerscope.interop.common import (NpyWriter, check_split_names, example_blo
                                        source_info, token_blocks)
 from layerscope.passes.runs import list_passes, pass_settings
 from layerscope.store.reader import Run
+from layerscope.store.rows import is_span
 
 SITE = "resid_post"
 PADDING = ("left", "right")
@@ -62,8 +63,11 @@ def _check_positions(run: Run, arrays: list[tuple[int, str]], padding: str) -> N
     one = [(k, p) for k, p in one if p != "all"]
     if one:
         where = f"{run.path}: " if run.questions is not None else ""
-        raise LayerScopeError(f"{where}seed004 stores every token position, but {', '.join(k for k, _ in one)} "
-                              f"{'holds' if len(one) == 1 else 'hold'} the {one[0][1]} position only; capture with "
+        modes = list(dict.fromkeys(p for _, p in one))
+        held = " or ".join(f"the {p} position{'s' if is_span(p) else ''}" for p in modes)
+        arrays = ", ".join(k if len(modes) == 1 else f"{k} ({p})" for k, p in one)
+        raise LayerScopeError(f"{where}seed004 stores every token position, but {arrays} "
+                              f"{'holds' if len(one) == 1 else 'hold'} {held} only; capture with "
                               "positions: all, leave it out with --layers, or export --format seed001 (last token)")
 
 

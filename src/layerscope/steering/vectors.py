@@ -37,7 +37,11 @@ def contrastive(run_dir: str | os.PathLike, layer: int, split_a: str, split_b: s
             raise DataError(f"{run.path}: no split {split!r} for the contrastive vector (splits: "
                             f"{', '.join(run.splits)}); set steering.vectors.*.contrast.split_a / split_b")
         acts = run.activations(layer, "resid_post", split)
-        last_only = run.metadata["arrays"][f"layer_{run.layer_index(layer):02d}/resid_post"]["positions"] != "all"
+        if acts.per_token and acts.positions != "all":
+            raise DataError(f"{run.path}: {acts.name} holds the {acts.positions} tokens only; a contrast reduces each "
+                            "example's last token or all its tokens (contrast.reduce): capture the layer with "
+                            "positions: all (or last)")
+        last_only = not acts.per_token
         if reduce == "mean" and last_only:
             raise DataError(f"{run.path}: layer {layer} resid_post holds last positions only; contrast.reduce: mean "
                             "needs capture.positions: all")

@@ -7,7 +7,8 @@ Layout of ``activations.zarr``::
     tokens/example                each token's example (index)
     examples/id, examples/split   each example's id and split (strings)
     layer_07/zarr.json            a group per layer
-    layer_07/resid_post/          an array per layer x site: [example, hidden] or [token, hidden]
+    layer_07/resid_post/          an array per layer x site: [example, hidden], [token, hidden], or a
+                                  span's [response_token, hidden] (rows.py says which token a row is)
         zarr.json, c/<shard>/0    Zarr metadata and shards
         parts/<p>-<positions>.json  completion marker of the capture job that wrote part p
 

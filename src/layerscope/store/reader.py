@@ -5,6 +5,9 @@
     x = acts[0]            # example 0 of the split: [hidden] ("last") or [n_tokens, hidden] ("all")
     for rows, block in acts.iter_shards(): ...             # bounded memory, shard by shard
 
+Which token each row holds (every token, one per example, or a span's tokens) is store/rows.py's
+RowMap: ``acts.tokens`` and ``acts.row_examples`` say it for a view's rows.
+
 Every read checks, after it, that the capture jobs the store was finalized with still own the
 array (its ``parts/P-POSITIONS.json`` markers): a Run opened before a re-run refuses to return rows the
 re-run is rewriting. Opening a run warns when its model or adapter files changed on disk.
@@ -23,6 +26,7 @@ import numpy as np
 
 from layerscope.errors import IncompleteRunError, LayerScopeError
 from layerscope.fileio import read_json
+from layerscope.store.rows import RowMap, array_rows, is_span
 from layerscope.store.shards import ShardMap
 
 STORE = "activations.zarr"
@@ -84,15 +88,20 @@ def _shard_map(array, attrs: dict[str, Any], array_dir: Path | None) -> ShardMap
 
 
 class Activations:
-    """A lazy view of one layer x site array, optionally restricted to a range of examples."""
+    """A lazy view of one layer x site array, optionally restricted to a range of examples;
+    ``rows`` says which token each of the array's rows holds (store/rows.py)."""
 
-    def __init__(self, array, offsets: np.ndarray, e0: int, e1: int, array_dir: Path | None = None,
+    def __init__(self, array, rows: RowMap, e0: int, e1: int, array_dir: Path | None = None,
                  direct: ShardMap | None = None, markers: PartMarkers | None = None) -> None:
         self._a = array
         self.attrs: dict[str, Any] = dict(array.attrs)
         self.positions: str = self.attrs["positions"]
         self.dtype: str = self.attrs["dtype"]
-        self._off = offsets
+        if rows.positions != self.positions or rows.n_rows != array.shape[0]:
+            raise LayerScopeError(f"layer_{self.attrs.get('layer', 0):02d}/{self.attrs.get('site')}: "
+                                  f"{array.shape[0]} rows at {self.positions} positions, and the examples give "
+                                  f"{rows.n_rows} at {rows.positions}; the store and its data set disagree")
+        self.map = rows
         self.e0, self.e1 = e0, e1
         self._direct = direct if direct is not None else _shard_map(array, self.attrs, array_dir)
         self._markers = markers
@@ -105,11 +114,43 @@ class Activations:
         return int(self._a.shape[1])
 
     @property
+    def name(self) -> str:
+        return f"layer_{self.attrs['layer']:02d}/{self.attrs['site']}"
+
+    @property
+    def per_token(self) -> bool:
+        """Whether examples have a row per token (``all``) or per token of a span, not one row each."""
+        return self.map.per_token
+
+    @property
     def row_range(self) -> tuple[int, int]:
         """The rows of the underlying array this view covers."""
-        if self.positions != "all":
-            return self.e0, self.e1
-        return int(self._off[self.e0]), int(self._off[self.e1])
+        return int(self.map.offsets[self.e0]), int(self.map.offsets[self.e1])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The token each row of the view holds (an index into the run's flat tokens)."""
+        r0, r1 = self.row_range
+        return self.map.tokens[r0:r1]
+
+    @property
+    def row_examples(self) -> np.ndarray:
+        """The example each row of the view belongs to (its index in the run)."""
+        return self.map.examples(*self.row_range)
+
+    def rows_at(self, tokens: np.ndarray, what: str = "") -> np.ndarray:
+        """The view-relative rows holding ``tokens`` (flat token indices); refuses a token the array
+        does not hold (``what``: what the tokens are, for the message)."""
+        rows = self.map.rows_of(tokens)
+        r0, r1 = self.row_range
+        bad = np.flatnonzero((rows < r0) | (rows >= r1))
+        if bad.size:
+            t = int(np.asarray(tokens)[bad[0]])
+            e = int(np.searchsorted(self.map.token_offsets, t, side="right")) - 1
+            raise LayerScopeError(f"{self.name} holds {self.positions} positions, which leave out {what or 'the token'}"
+                                  f" {t - int(self.map.token_offsets[e])} of example {e}; capture it at positions "
+                                  "that hold it (all)")
+        return rows - r0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -152,20 +193,21 @@ class Activations:
         return self._convert(self._checked(lambda: self._a.get_orthogonal_selection((idx, slice(None)))), raw)
 
     def example(self, i: int, raw: bool = False) -> np.ndarray:
-        """Example i of this view: [width] for ``last`` arrays, [n_tokens, width] for ``all`` arrays."""
+        """Example i of this view: [width] for ``last``/``answer`` arrays, [rows, width] for the others
+        (every token for ``all``, the span's tokens for a span: possibly none)."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"example {i} out of range for a view of {n} examples")
         e = self.e0 + (i % n)
-        if self.positions != "all":
-            return self._convert(self._read(e, e + 1)[0], raw)
-        return self._convert(self._read(int(self._off[e]), int(self._off[e + 1])), raw)
+        r0, r1 = int(self.map.offsets[e]), int(self.map.offsets[e + 1])
+        x = self._convert(self._read(r0, r1), raw)
+        return x if self.per_token else x[0]
 
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
             start, stop, step = i.indices(len(self))
             if step == 1:
-                return Activations(self._a, self._off, self.e0 + start, self.e0 + max(start, stop),
+                return Activations(self._a, self.map, self.e0 + start, self.e0 + max(start, stop),
                                    direct=self._direct, markers=self._markers)
             return [self.example(k) for k in range(start, stop, step)]
         return self.example(int(i))
@@ -233,6 +275,7 @@ class Run:
         check_complete(self.store_path, dict(self.group.attrs))
         self._info = dict(self.group.attrs)["layerscope"]
         self._markers: dict[str, PartMarkers] = {}
+        self._rows: dict[str, RowMap] = {}
         self.offsets: np.ndarray = self.group["tokens/offsets"][:]
         for msg in model_changes(self.path):
             warnings.warn(msg, UserWarning, stacklevel=3)
@@ -319,7 +362,20 @@ class Run:
                                                                 self._info["positions"][key])
         if markers is not None:
             markers.check()
-        return Activations(self.group[key], self.offsets, e0, e1, array_dir=self.store_path / key, markers=markers)
+        array = self.group[key]
+        return Activations(array, self.rows(array.attrs["positions"]), e0, e1, array_dir=self.store_path / key,
+                           markers=markers)
+
+    def rows(self, positions: str) -> RowMap:
+        """Which token each row of an array at ``positions`` holds (store/rows.py), from this run's
+        offsets, its examples' spans and answer positions."""
+        if positions not in self._rows:
+            from layerscope.data.dataset import load_answer_index
+
+            spans = [ex.get("spans") for ex in self.examples] if is_span(positions) else None
+            answer = load_answer_index(self.path / "dataset", self.offsets) if positions == "answer" else None
+            self._rows[positions] = array_rows(positions, self.offsets, spans, answer, where=f"{self.path}: ")
+        return self._rows[positions]
 
     def capture_jobs(self, layer: int, site: str) -> list[str]:
         """Ids of the capture jobs that wrote one array, a part each: new ones whenever it is captured again."""
@@ -348,15 +404,19 @@ class Run:
         return mask
 
     def select(self, layer: int, site: str, positions: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of an ``all`` array at the tokens of a span (see ``token_mask``), and each row's
-        example index: e.g. only the assistant's tokens, ``run.select(10, "resid_post", "response")``."""
+        """The rows of an array at the tokens of a span (see ``token_mask``), and each row's example
+        index: e.g. only the assistant's tokens, ``run.select(10, "resid_post", "response")``. The
+        array must hold every token of the span: an ``all`` array, or one captured at that span
+        (or a wider one: ``response`` holds ``role:assistant``)."""
         acts = self.activations(layer, site, split)
-        if acts.positions != "all":
+        if not acts.per_token:
             raise LayerScopeError(f"{self.path}: layer_{self.layer_index(layer):02d}/{site} holds {acts.positions} "
-                                  "positions; selecting a span needs every position (capture.positions: all)")
-        r0, r1 = acts.row_range
-        rows = np.flatnonzero(self.token_mask(positions)[r0:r1])
-        owner = np.searchsorted(self.offsets, rows + r0, side="right") - 1
+                                  "positions; selecting a span needs its tokens (capture.positions: all, or the span)")
+        e0, e1 = acts.e0, acts.e1
+        t0 = int(self.offsets[e0])
+        tokens = np.flatnonzero(self.token_mask(positions)[t0:int(self.offsets[e1])]) + t0
+        rows = acts.rows_at(tokens, f"{positions} token")
+        owner = np.searchsorted(self.offsets, tokens, side="right") - 1
         return acts.take(rows), owner
 
     def bytes_on_disk(self, layer: int | None = None, site: str | None = None) -> int:

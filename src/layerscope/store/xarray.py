@@ -4,7 +4,10 @@ One variable per stored array (``layer_03.resid_post``). Arrays captured at ever
 ``token`` dimension with coordinates ``token_example`` (index), ``token_example_id``,
 ``token_split``, ``position`` (within the example) and ``token_id``; last-position arrays have an
 ``example`` dimension with ``example_id`` and ``split``. Widths are ``hidden`` / ``neuron`` (the MLP's), or
-``{site}.width`` for any other (LoRA ranks). A token's example is ``token_example``
+``{site}.width`` for any other (LoRA ranks). Arrays captured at a span (``response``) have a
+dimension of their own (``response_token``, see store/rows.row_dim) with the same coordinates
+under its name: ``response_token_example``, ``response_token_example_id``, ``response_token_split``,
+``response_token_position``, ``response_token_id``. A token's example is ``token_example``
 (``token_example_id``, ``token_split``), so ``ds.isel(token=ds.token_split == "EM")`` selects a split. bfloat16 is widened to float32 exactly, so no user
 sees raw 16-bit patterns; nothing is read until asked (``.sel(...).values`` reads those rows).
 """
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from layerscope.errors import LayerScopeError
+from layerscope.store.rows import row_dim
 
 
 class _Rows:
@@ -44,26 +48,30 @@ def to_xarray(run) -> Any:
     examples = run.examples
     ids = np.array([ex["id"] for ex in examples], dtype=object)
     splits = np.array([ex["split"] for ex in examples], dtype=object)
-    offsets = run.offsets
-    lengths = np.diff(offsets)
-    token_example = np.repeat(np.arange(len(examples)), lengths)
-    position = np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
     hidden, neurons = run.metadata["hidden_dim"], run.metadata.get("intermediate_dim")
-    data_vars, token_ids = {}, None
+    data_vars, row_maps = {}, {}
     for layer, site in run.arrays:
         acts = run.activations(layer, site)
-        rows = "example" if acts.positions != "all" else "token"
+        rows = row_dim(acts.positions)
+        row_maps.setdefault(rows, acts.map)
         width = "hidden" if acts.width == hidden else "neuron" if acts.width == neurons or site == "mlp_act" \
             else f"{site}.width"
         chunk = int(acts.attrs.get("layout", {}).get("shard_rows") or max(1, (64 << 20) // (acts.width * 4)))
         data_vars[f"layer_{layer:02d}.{site}"] = ((rows, width), da.from_array(_Rows(acts), chunks=(chunk, -1)))
-        if rows == "token" and token_ids is None:
-            token_ids = run.group["tokens/ids"][:] if "tokens/ids" in run.group else None
     coords: dict[str, Any] = {"example_id": ("example", ids), "split": ("example", splits)}
-    if any(v[0][0] == "token" for v in data_vars.values()):
-        coords |= {"token_example": ("token", token_example), "token_example_id": ("token", ids[token_example]),
-                   "token_split": ("token", splits[token_example]), "position": ("token", position)}
+    token_ids = None
+    for dim, m in row_maps.items():
+        if dim == "example":
+            continue
+        if token_ids is None:
+            token_ids = np.asarray(run.group["tokens/ids"][:]) if "tokens/ids" in run.group else None
+        owner = m.examples()
+        # the token dimension keeps its historical names; a span's carry its dimension's name
+        pre, pos, tid = ("token_", "position", "token_id") if dim == "token" else (f"{dim}_", f"{dim}_position",
+                                                                                   f"{dim}_id")
+        coords |= {f"{pre}example": (dim, owner), f"{pre}example_id": (dim, ids[owner]),
+                   f"{pre}split": (dim, splits[owner]), pos: (dim, m.tokens - m.token_offsets[owner])}
         if token_ids is not None:
-            coords["token_id"] = ("token", np.asarray(token_ids))
+            coords[tid] = (dim, token_ids[m.tokens])
     return xr.Dataset(data_vars, coords=coords, attrs={"run": str(run.path), "model": run.metadata["model_name"],
                                                         "variant": run.variant})

@@ -517,7 +517,9 @@ const drawCard = () => {
   }
   // histogram over every value of the neuron
   const counts = row(Ld.hist, c), lo = Ld.hist_lo[c], hi = Ld.hist_hi[c];
-  card.append(el('h3', {}, 'Activation histogram (' + (Ld.positions === 'all' ? 'every token' : 'every example') + ')'));
+  const over = Ld.positions === 'all' ? 'every token' : (Ld.positions === 'last' || Ld.positions === 'answer')
+    ? 'every example' : 'every ' + Ld.positions + ' token';  // a span: its tokens only
+  card.append(el('h3', {}, 'Activation histogram (' + over + ')'));
   // bars as plain elements: one per bin, height proportional to its count
   const maxc = Math.max(1, ...counts), hist = el('div', {id: 'hist', role: 'img',
     'aria-label': 'histogram of ' + counts.length + ' bins from ' + fmt(lo) + ' to ' + fmt(hi) + ', tallest ' + maxc});
