@@ -15,7 +15,8 @@ from tests.helpers import capture_store, make_params, prepare_texts, reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("positions", ["all", "last"])
+# "prompt" of a plain-text example is every token: the span path (row indices built on the device) against "all"
+@pytest.mark.parametrize("positions", ["all", "last", "prompt"])
 def test_cuda_capture_matches_cpu_reference(tmp_path, model_factory, positions):
     assert resolve_device("auto") == "cuda"
     m = model_factory("llama-tiny")
@@ -29,5 +30,5 @@ def test_cuda_capture_matches_cpu_reference(tmp_path, model_factory, positions):
     for L in range(4):
         for s in sites:
             got = zarr.open_array(str(tmp_path / "s.zarr" / f"layer_{L:02d}" / s), mode="r")[:]
-            want = np.concatenate(ref[(L, s)]) if positions == "all" else np.stack([r[-1] for r in ref[(L, s)]])
+            want = np.concatenate(ref[(L, s)]) if positions != "last" else np.stack([r[-1] for r in ref[(L, s)]])
             np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=f"{L} {s}")
