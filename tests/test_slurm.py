@@ -84,8 +84,8 @@ def _drop(obj, keys):
 def outputs(wd: Path) -> dict[str, bytes]:
     """Every file of the run, byte for byte, except benchmark timings, and with only what says
     when, where or by which job it was made taken out: job ids, seconds and peak memory in the
-    completion markers and the store's list of jobs, creation times, the working directory and
-    file mtimes in the manifest."""
+    completion markers, the store's list of jobs and the summary's layer cache keys, creation
+    times, the working directory and file mtimes in the manifest."""
     run = wd / RUN
     out = {}
     for p in sorted(run.rglob("*")):
@@ -95,6 +95,8 @@ def outputs(wd: Path) -> dict[str, bytes]:
         data = p.read_bytes()
         if "/parts/" in rel:
             data = json.dumps(_drop(json.loads(data), {"job", "seconds", "peak_rss_mib"})).encode()
+        elif rel.startswith("summaries/layers/"):  # a layer's results, keyed by the job ids that wrote it
+            data = json.dumps(_drop(json.loads(data), {"key"})).encode()
         elif rel == "activations.zarr/zarr.json":
             meta = json.loads(data)
             del meta["attributes"]["layerscope"]["jobs"]

@@ -335,7 +335,8 @@ def test_a_server_whose_imports_make_forking_unsafe_refuses_and_jobs_run_in_thei
     threads.mkdir()
     (threads / "ls_starts_a_thread.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
-    env = fake.env(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO), str(threads)]))
+    env = fake.env()
+    env["PYTHONPATH"] += os.pathsep + str(threads)
     for i in range(2):
         out = tmp_path / f"r{i}.json"
         job = fake.submit("report", env=env, kwargs={"out": str(out)}, preload=["ls_starts_a_thread"])
