@@ -34,7 +34,7 @@ from layerscope.capture.router import ArrayJob, BufferPool, Router
 from layerscope.store.reader import Activations, PartMarkers
 from layerscope.store.rows import array_rows
 from layerscope.store.shards import chunk_encoder
-from layerscope.store.layout import array_metadata, make_layout
+from layerscope.store.layout import array_metadata, make_layout, marker_path
 from layerscope.store.writer import ShardWriter
 
 STORE = {"chunk_mib": 2, "shard_mib": 64, "compression": "none", "compression_level": 3}
@@ -53,8 +53,9 @@ def write_array(d: Path, data: np.ndarray, positions: str) -> Path:
         r.add(g0, torch.from_numpy(data[g0:g0 + step]))
     r.done()
     w.close()
-    (d / "parts").mkdir()
-    (d / "parts" / "0.json").write_text(json.dumps({"part": 0, "job": "bench"}))
+    marker = marker_path(d.parents[1], 0, "resid_post", 0, positions)
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"part": 0, "job": "bench"}))
     return d
 
 
@@ -88,16 +89,17 @@ def run(args, scratch: Path) -> int:
     lengths = rng.integers(16, 512, size=max(1, args.tokens // 264))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     alltok = rng.standard_normal((int(offsets[-1]), H), dtype=np.float32).astype(np.float16)
-    last_dir = write_array(scratch / "last", last, "last")
-    all_dir = write_array(scratch / "all", alltok, "all")
+    # laid out as a store: STORE_ROOT/layer_00/resid_post/parts/0-POSITIONS.json marks the part done
+    last_dir = write_array(scratch / "last" / "layer_00" / "resid_post", last, "last")
+    all_dir = write_array(scratch / "all" / "layer_00" / "resid_post", alltok, "all")
     np.save(scratch / "last.npy", last)
     np.save(scratch / "all.npy", alltok)
     del alltok
     za, zl = zarr.open_array(str(all_dir), mode="r"), zarr.open_array(str(last_dir), mode="r")
     acts_last = Activations(zl, array_rows("last", np.arange(args.examples + 1)), 0, args.examples, array_dir=last_dir,
-                            markers=PartMarkers(scratch, "last", ["bench"]))
+                            markers=PartMarkers(scratch / "last", "layer_00/resid_post", ["bench"], "last"))
     acts_all = Activations(za, array_rows("all", offsets), 0, len(lengths), array_dir=all_dir,
-                           markers=PartMarkers(scratch, "all", ["bench"]))
+                           markers=PartMarkers(scratch / "all", "layer_00/resid_post", ["bench"], "all"))
     assert acts_last._direct is not None and acts_all._direct is not None
     mm_last = np.load(scratch / "last.npy", mmap_mode="r")
     mm_all = np.load(scratch / "all.npy", mmap_mode="r")
