@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 
 from layerscope.data.dataset import load_examples, load_tokens
 from layerscope.errors import ConfigError, DataError
@@ -387,3 +388,40 @@ def test_passes_need_a_task_and_one_variant(tmp_path):
         build_plan(cfg, schema, wd)
     with pytest.raises(ConfigError, match="passes.mcq.generate.max_new_tokens: task.max_length 400 \\+ 5000"):
         build_plan(changed(CONFIG, "passes.mcq.generate", {"max_new_tokens": 5000}), schema, wd)
+
+
+def _plan(wd: Path) -> dict:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "layerscope", "plan", "--directory", str(wd), "--configfile",
+                          str(wd / "passes.yaml"), "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {p["name"]: p for p in json.loads(res.stdout.strip().splitlines()[-1])["passes"]}
+
+
+def test_plan_counts_each_pass(passes_run, tmp_path):
+    """`plan` per pass: before the run, the prompts' tokens exactly and replies at their longest; after
+    it, the stores' bytes exactly and as many jobs as each pass ran."""
+    fresh = copy_inputs(tmp_path / "fresh")
+    shutil.copy(passes_run / "questions.jsonl", fresh / "questions.jsonl")
+    shutil.copy(passes_run / "passes.yaml", fresh / "passes.yaml")
+    before, after = _plan(fresh), _plan(passes_run)
+    assert set(before) == set(after) == {"mcq", "other_confidence"}
+    for name, est in after.items():
+        pdir = passes_run / "results/p" / name
+        assert est["exact"] and est["tokens"] == int(np.load(pdir / "dataset/offsets.npy")[-1])
+        prompts = np.load(pdir / "prompts/offsets.npy")
+        new = CONFIG["passes"][name].get("generate", {}).get("max_new_tokens", 0)
+        assert before[name]["exact"] == (new == 0)
+        assert before[name]["tokens"] == int(prompts[-1]) + new * (len(prompts) - 1) >= est["tokens"]
+        g = zarr.open_group(str(pdir / "activations.zarr"), mode="r")
+        arrays = g.attrs["layerscope"]["arrays"]
+        assert est["arrays"] == len(arrays)
+        assert est["array_bytes"] == sum(int(np.prod(g[a].shape)) * g[a].dtype.itemsize for a in arrays)
+        assert est["disk_bytes"] == sum(f.stat().st_size for f in (pdir / "activations.zarr").rglob("c/*/*"))
+        ran = [f for f in (passes_run / "logs/p" / name).rglob("*.log")]
+        assert est["jobs"] == len(ran) and est["array_bytes"] > 0, (est, ran)
+        from layerscope.capture.chain import Boundary
+
+        assert est["boundary_bytes"] == sum(Boundary(f)._data.nbytes for f in (pdir / "boundaries").glob("*"))

@@ -110,8 +110,12 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
         raise ConfigError(with_location(str(e), [cfg_path])) from e
     device = resolve_device(plan.config["capture"]["device"])
     dtype = str(resolve_dtype(plan.config["model"]["dtype"], device)).removeprefix("torch.")
-    est = estimate(plan, *plan_tokens(plan, base / "results" / plan.config["run"]), dtype,
-                   "cpu" if device == "cpu" else "gpu")
+    results = base / "results" / plan.config["run"]
+    est = estimate(plan, *plan_tokens(plan, results), dtype, "cpu" if device == "cpu" else "gpu")
+    if plan.passes:
+        from layerscope.passes.costs import pass_estimates
+
+        est["passes"] = pass_estimates(plan, results, dtype)
     if as_json:
         print(json.dumps(est), file=out)
         return est
@@ -141,6 +145,17 @@ def plan_run(configfile: str | None, directory: str, as_json: bool = False, out=
       f" per boundary and part), {'kept' if cap['boundaries'] == 'keep' else 'deleted once used'}")
     p("memory     per job, beyond the Python runtime (~0.4 GiB): weights + one batch at the longest example"
       + ("" if est["device"] == "cpu" else " on the GPU; on the host") + " + rows held by the window")
+    if est.get("passes"):
+        ps = est["passes"]
+        p(f"passes     {len(ps)} prompted passes, {sum(x['jobs'] for x in ps)} jobs, "
+          f"{_human(sum(x['array_bytes'] for x in ps))} of arrays in all")
+        for x in ps:
+            most = "" if x["exact"] else "at most "
+            p(f"  {x['name']:<16} {x['jobs']} jobs ({x['capture_jobs']} capture); {x['questions']} questions, "
+              f"{most}{x['tokens']} tokens; arrays {most}{_human(x['array_bytes'])}, {_human(x['disk_bytes'])} on "
+              f"disk; boundaries {_human(x['boundary_bytes'])}")
+        if not all(x["exact"] for x in ps):
+            p("           (at most: replies counted at generate.max_new_tokens until the model has answered)")
     return est
 
 

@@ -164,33 +164,49 @@ def _blocks(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def array_costs(plan: Plan, captures: list[tuple[int, str, str]], offsets: np.ndarray,
+                spans: list | None = None) -> list[dict[str, Any]]:
+    """Rows, bytes, bytes on disk and shards of each (layer, site, positions) array over the examples
+    with ``offsets`` (and recorded ``spans``, which arrays at a span need)."""
+    cap, store = plan.config["capture"], plan.config["store"]
+    itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
+    maps = {pos: array_rows(pos, offsets, spans) for pos in {p for _, _, p in captures}}
+    out = []
+    for layer, site, pos in captures:
+        rows = maps[pos].n_rows
+        width = plan.widths.site(layer, site)
+        lay = make_layout(rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
+        out.append({"layer": layer, "site": site, "positions": pos, "rows": rows, "width": width,
+                    "bytes": rows * width * itemsize, "disk_bytes": disk_bytes(lay, itemsize, store),
+                    "shards": lay.num_shards})
+    return out
+
+
+def boundary_costs(plan: Plan, offsets: np.ndarray, spans: list | None, compute_dtype: str) -> list[int]:
+    """Bytes of one boundary per part: the residual stream of the tokens the part computes."""
+    cap = plan.config["capture"]
+    item = np.dtype(ST_DTYPES[compute_dtype][1]).itemsize
+    out = []
+    for p in range(cap["parts"]):
+        ranges = part_examples(offsets, chain_widths(plan), cap["dtype"], cap["parts"], plan.config["store"], p, spans)
+        out.append(sum(int(offsets[b] - offsets[a]) for a, b in ranges) * plan.dims.hidden_size * item)
+    return out
+
+
 def estimate(plan: Plan, offsets: np.ndarray, spans: list | None = None, compute_dtype: str = "float32",
              device: str = "cpu") -> dict[str, Any]:
     """Bytes, rows, shards and jobs of the planned run; per block, the weights its jobs hold.
     ``spans``: each example's recorded spans (plan_tokens), which arrays at a span need."""
-    cap, store = plan.config["capture"], plan.config["store"]
-    itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
+    cap = plan.config["capture"]
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
-    h = plan.dims.hidden_size
-    row_maps = {pos: array_rows(pos, offsets, spans) for pos in {p for b in plan.blocks for _, _, p in plan.captures(b)}}
-    arrays, sites = [], {}
-    for b in plan.blocks:
-        for layer, site, pos in plan.captures(b):
-            rows = row_maps[pos].n_rows
-            width = plan.widths.site(layer, site)
-            lay = make_layout(rows, width, itemsize, cap["parts"], store["chunk_mib"], store["shard_mib"])
-            nbytes = rows * width * itemsize
-            arrays.append({"layer": layer, "site": site, "positions": pos, "rows": rows, "width": width,
-                           "bytes": nbytes, "disk_bytes": disk_bytes(lay, itemsize, store), "shards": lay.num_shards})
-            sites[site] = sites.get(site, 0) + nbytes
-    boundary_item = np.dtype(ST_DTYPES[compute_dtype][1]).itemsize
-    part_tokens = []
-    for p in range(cap["parts"]):
-        ranges = part_examples(offsets, chain_widths(plan), cap["dtype"], cap["parts"], store, p, spans)
-        part_tokens.append(sum(int(offsets[b] - offsets[a]) for a, b in ranges))
-    per_boundary = [t * h * boundary_item for t in part_tokens]
+    arrays = array_costs(plan, [c for b in plan.blocks for c in plan.captures(b)], offsets, spans)
+    sites: dict[str, int] = {}
+    for a in arrays:
+        sites[a["site"]] = sites.get(a["site"], 0) + a["bytes"]
+    per_boundary = boundary_costs(plan, offsets, spans, compute_dtype)
     n_boundaries = sum(b.writes_boundary for b in plan.blocks)
     weights = block_weight_bytes(plan, COMPUTE_BYTES[compute_dtype])
+    row_maps = {pos: array_rows(pos, offsets, spans) for pos in {a["positions"] for a in arrays}}
     memory = job_memory(plan, offsets, row_maps, COMPUTE_BYTES[compute_dtype], weights, device)
     return {
         "examples": n_ex, "tokens": n_tok, "jobs": len(plan.blocks) * cap["parts"],
