@@ -11,10 +11,11 @@ rule summarize:
         f"logs/{RUN}/summarize.log",
     benchmark:
         f"{RESULTS}/benchmarks/summarize.tsv"
-    # Layers are summarised in parallel, one process each (on a cluster: set-threads).
+    # Layers are summarised in parallel, one process each (on a cluster: set-threads), each
+    # holding a shard's rows as float32 and a few temporaries of that size.
     threads: host_cores()
     resources:
-        mem_mb=4000,
+        mem_mb=lambda w, threads: 3000 + 600 * threads,
     conda:
         "../../environment.yml"
     script:
