@@ -25,12 +25,17 @@ from layerscope.store.rows import RowMap, array_rows
 COMPUTE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def tokenized(d: Path) -> bool:
+    """Whether ``d`` holds a tokenized data set (what ``data.dataset.prepare`` writes)."""
+    return (d / "offsets.npy").is_file() and (d / "examples.jsonl").is_file()
+
+
 def plan_tokens(plan: Plan, results: Path) -> tuple[np.ndarray, list]:
     """Token offsets of the run's examples and the spans each records: the prepared ones, or tokenized now."""
     from layerscope.data.dataset import load_spans, prepare
 
     prepared = results / "dataset"
-    if (prepared / "offsets.npy").is_file() and (prepared / "examples.jsonl").is_file():
+    if tokenized(prepared):
         return np.load(prepared / "offsets.npy", allow_pickle=False), load_spans(prepared)
     import tempfile
 
@@ -164,13 +169,16 @@ def _blocks(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def array_costs(plan: Plan, captures: list[tuple[int, str, str]], offsets: np.ndarray,
-                spans: list | None = None) -> list[dict[str, Any]]:
-    """Rows, bytes, bytes on disk and shards of each (layer, site, positions) array over the examples
-    with ``offsets`` (and recorded ``spans``, which arrays at a span need)."""
+def row_maps(captures: list[tuple[int, str, str]], offsets: np.ndarray, spans: list | None) -> dict[str, RowMap]:
+    """The rows of each positions mode of ``captures`` over the examples with ``offsets`` (and their
+    recorded ``spans``, which arrays at a span need)."""
+    return {pos: array_rows(pos, offsets, spans) for pos in {p for _, _, p in captures}}
+
+
+def array_costs(plan: Plan, captures: list[tuple[int, str, str]], maps: dict[str, RowMap]) -> list[dict[str, Any]]:
+    """Rows, bytes, bytes on disk and shards of each (layer, site, positions) array (``maps``: row_maps)."""
     cap, store = plan.config["capture"], plan.config["store"]
     itemsize = STORAGE_DTYPES[cap["dtype"]].itemsize
-    maps = {pos: array_rows(pos, offsets, spans) for pos in {p for _, _, p in captures}}
     out = []
     for layer, site, pos in captures:
         rows = maps[pos].n_rows
@@ -199,15 +207,16 @@ def estimate(plan: Plan, offsets: np.ndarray, spans: list | None = None, compute
     ``spans``: each example's recorded spans (plan_tokens), which arrays at a span need."""
     cap = plan.config["capture"]
     n_ex, n_tok = len(offsets) - 1, int(offsets[-1])
-    arrays = array_costs(plan, [c for b in plan.blocks for c in plan.captures(b)], offsets, spans)
+    captures = [c for b in plan.blocks for c in plan.captures(b)]
+    maps = row_maps(captures, offsets, spans)
+    arrays = array_costs(plan, captures, maps)
     sites: dict[str, int] = {}
     for a in arrays:
         sites[a["site"]] = sites.get(a["site"], 0) + a["bytes"]
     per_boundary = boundary_costs(plan, offsets, spans, compute_dtype)
     n_boundaries = sum(b.writes_boundary for b in plan.blocks)
     weights = block_weight_bytes(plan, COMPUTE_BYTES[compute_dtype])
-    row_maps = {pos: array_rows(pos, offsets, spans) for pos in {a["positions"] for a in arrays}}
-    memory = job_memory(plan, offsets, row_maps, COMPUTE_BYTES[compute_dtype], weights, device)
+    memory = job_memory(plan, offsets, maps, COMPUTE_BYTES[compute_dtype], weights, device)
     return {
         "examples": n_ex, "tokens": n_tok, "jobs": len(plan.blocks) * cap["parts"],
         "blocks": [{"name": b.name, "layers": list(b.layers), "weight_bytes": weights[b.name], **memory[b.name],

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from layerscope.analysis.costs import array_costs, boundary_costs, plan_tokenizer
+from layerscope.analysis.costs import array_costs, boundary_costs, plan_tokenizer, row_maps, tokenized
 from layerscope.config import Plan
 from layerscope.data.dataset import load_spans
 from layerscope.passes.prompts import prepare_pass
@@ -22,16 +22,12 @@ from layerscope.passes.prompts import prepare_pass
 STEPS = ("prepare_pass", "answer_pass", "store_pass", "pass_metadata")  # a pass's jobs beside its captures
 
 
-def _tokenized(d: Path) -> bool:
-    return (d / "offsets.npy").is_file() and (d / "examples.jsonl").is_file()
-
-
 def pass_tokens(plan: Plan, name: str, pass_dir: Path) -> tuple[np.ndarray, list, bool]:
     """(token offsets, each example's spans, exact) of one pass's captured data set."""
-    if _tokenized(pass_dir / "dataset"):
+    if tokenized(pass_dir / "dataset"):
         return np.load(pass_dir / "dataset" / "offsets.npy", allow_pickle=False), load_spans(pass_dir / "dataset"), True
     spec = plan.passes[name]
-    if _tokenized(pass_dir / "prompts"):
+    if tokenized(pass_dir / "prompts"):
         offsets = np.load(pass_dir / "prompts" / "offsets.npy", allow_pickle=False)
     else:
         task = dict(plan.config["task"])
@@ -55,7 +51,8 @@ def pass_estimates(plan: Plan, results: Path, compute_dtype: str) -> list[dict[s
     out = []
     for name in plan.passes:
         offsets, spans, exact = pass_tokens(plan, name, results / name)
-        arrays = array_costs(plan, [c for b in plan.blocks for c in plan.pass_captures(b, name)], offsets, spans)
+        captures = [c for b in plan.blocks for c in plan.pass_captures(b, name)]
+        arrays = array_costs(plan, captures, row_maps(captures, offsets, spans))
         out.append({"name": name, "questions": len(offsets) - 1, "tokens": int(offsets[-1]), "exact": exact,
                     "jobs": len(STEPS) + len(plan.blocks) * parts, "capture_jobs": len(plan.blocks) * parts,
                     "arrays": len(arrays), "array_bytes": sum(a["bytes"] for a in arrays),

@@ -26,7 +26,7 @@ import numpy as np
 
 from layerscope.errors import IncompleteRunError, LayerScopeError
 from layerscope.fileio import read_json
-from layerscope.store.rows import RowMap, array_rows, is_span
+from layerscope.store.rows import RowMap, array_rows, is_span, span_names, span_tokens
 from layerscope.store.shards import ShardMap
 
 STORE = "activations.zarr"
@@ -388,19 +388,13 @@ class Run:
         """True for every stored token inside ``positions`` of its example: a span the data set
         records (``prompt``, ``response``, ``role:NAME`` for chat records; ``prompt``/``response``
         of a prompted pass's prompt and reply)."""
-        names: set[str] = set()
-        mask = np.zeros(int(self.offsets[-1]), dtype=bool)
-        for ex in self.examples:
-            spans = ex.get("spans")
-            if spans is None:
-                raise LayerScopeError(f"{self.path}: its examples record no spans (prepared by an older LayerScope); "
-                                     "re-run it (snakemake -R prepare_dataset) to select prompt/response/role tokens")
-            names |= set(spans)
-            base = int(self.offsets[ex["index"]])
-            for a, b in spans.get(positions, []):
-                mask[base + a:base + b] = True
+        spans = [ex.get("spans") for ex in self.examples]
+        _, tokens = span_tokens(positions, self.offsets, spans, where=f"{self.path}: ")  # refuses no spans at all
+        names = span_names(spans)
         if positions not in names:
             raise LayerScopeError(f"{self.path}: no span {positions!r} in its examples (spans: {', '.join(sorted(names))})")
+        mask = np.zeros(int(self.offsets[-1]), dtype=bool)
+        mask[tokens] = True
         return mask
 
     def select(self, layer: int, site: str, positions: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
