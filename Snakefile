@@ -38,3 +38,11 @@ rule all:
         steering_summaries,
         pass_targets,
     default_target: True
+
+
+onsuccess:
+    end_timers()
+
+
+onerror:
+    end_timers()

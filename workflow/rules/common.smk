@@ -309,3 +309,17 @@ def pass_targets(wildcards=None):
 
 def pass_pattern():
     return "|".join(re.escape(n) for n in PLAN.passes) or "(?!)"
+
+
+def end_timers():
+    """Cancel Snakemake's pending scheduler timers once the run is over (onsuccess/onerror).
+
+    Its job-rate limiter arms a one-second, non-daemon timer after every scheduling round, and the
+    process cannot exit before the last one fires: a second added to every run. (Its "100ms"
+    timespan parses as 100 minutes, so a shorter one cannot be configured.) Nothing is scheduled
+    after these handlers, so the timers have nothing left to wake."""
+    import threading
+
+    for t in threading.enumerate():
+        if isinstance(t, threading.Timer):
+            t.cancel()
