@@ -8,6 +8,15 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 from layerscope.errors import LayerScopeError, ConfigError, DataError, ModelError  # noqa: E402
-from layerscope.store.reader import Run, open  # noqa: E402,A004
 
 __all__ = ["__version__", "open", "Run", "LayerScopeError", "ConfigError", "DataError", "ModelError"]
+
+
+def __getattr__(name: str):
+    # The reader (numpy) loads on first use: every workflow job imports this package, and the
+    # jobs that hand their step to the warm worker need nothing of numpy themselves.
+    if name in ("Run", "open"):
+        from layerscope.store import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'layerscope' has no attribute {name!r}")
