@@ -44,7 +44,7 @@ TOKEN_TOP = 3  # neurons listed for a token x layer heatmap cell
 _RUN: Any = None
 
 # Bump when what a layer's cached result holds, or how it is computed, changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def map_layers(run: Any, fn: Callable[[Any, int], Any], layers: list[int], workers: int, desc: str) -> list[Any]:
@@ -292,7 +292,8 @@ def _layer_neurons(site: str, top_k: int, context: int, neurons_per_layer: int, 
     if acts.positions == "all" and token_examples:
         ids, vals = nz.token_top(acts, token_examples, TOKEN_TOP)
         token_top = {"ids": ids, "values": vals}
-    return {"out": out, "spans": spans, "token_top": token_top}
+    # one packed array, not thousands of JSON lists: the per-layer cache reads it back in one go
+    return {"out": out, "spans": np.array(spans, np.int64).reshape(-1, 3), "token_top": token_top}
 
 
 def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int, neurons_per_layer: int,
@@ -308,7 +309,7 @@ def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int
     results = layer_results(run, fn, wanted, workers, f"neurons {site}", cache, "neurons", site, settings)
     for L, r in zip(wanted, results):
         out, cards = r["out"], r["out"]["cards"]
-        docs = np.array([texts.doc(*sp) for sp in r["spans"]], np.int64)
+        docs = np.array([texts.doc(*sp) for sp in r["spans"].tolist()], np.int64)
         out["entries"]["doc"] = docs[out["entries"]["doc"]] if len(docs) else out["entries"]["doc"]
         if unembed is not None and len(cards):
             up, up_v, down, down_v = unembed.logit_effects(L, cards, output_tokens)
