@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -63,8 +64,7 @@ os.umask(args.get("umask", 0o022))
 while args.get("go") and not os.path.exists(args["go"]):  # jobs that should start at the same moment
     time.sleep(0.001)
 steps.WARM_IMPORTS.extend(args.get("preload", []))
-if args.get("extra_path"):  # as Snakemake's preamble appends its search path, a source cache of its run among it
-    sys.path.append(args["extra_path"])
+sys.path.extend(args.get("extra_path", []))  # as Snakemake's preamble appends its search path
 kwargs = args["kwargs"]
 for k in args.get("tuples", []):
     kwargs[k] = tuple(kwargs[k])
@@ -290,7 +290,11 @@ def test_a_server_of_one_snakemake_exits_when_its_snakemake_dies(fake, env):
 def test_a_second_snakemake_is_served_by_the_server_the_first_started(fake, tmp_path):
     """The server outlives the snakemake that started it; another snakemake (another project
     directory, another Snakemake source cache at the end of sys.path) connects to it."""
-    job, seen = report(fake)
+    out = fake.dir / "first.json"
+    job = fake.submit("report", kwargs={"out": str(out)},
+                      extra_path=[sysconfig.get_paths()["purelib"], str(fake.dir), sysconfig.get_paths()["purelib"],
+                                  str(fake.dir / "tmpxyz789")])
+    assert job.wait() == 0, job.stderr
     server = server_of(job)
     fake.proc.kill()
     fake.proc.wait()
@@ -298,14 +302,17 @@ def test_a_second_snakemake_is_served_by_the_server_the_first_started(fake, tmp_
     assert process_start(server) is not None
     later = FakeSnakemake(tmp_path / "elsewhere" / "sm", runtime=fake.runtime)
     try:
-        cache = str(tmp_path / "source-cache" / "tmpabc123")
+        # Snakemake appends its own site-packages, its own sys.path (the directory it was started in
+        # first) and a source cache of its run: none of them makes another server
+        site = sysconfig.get_paths()["purelib"]
+        appended = [site, str(later.dir), site, str(tmp_path / "source-cache" / "tmpabc123")]
         out = tmp_path / "later.json"
-        job = later.submit("report", kwargs={"out": str(out)}, extra_path=cache)
+        job = later.submit("report", kwargs={"out": str(out)}, extra_path=appended)
         assert job.wait() == 0, job.stderr
     finally:
         later.kill()
     assert server_of(job) == server and json.loads(out.read_text())["ppid"] == server
-    assert json.loads(out.read_text())["path"][-1] == cache  # the step saw the job's own sys.path
+    assert json.loads(out.read_text())["path"][-4:] == appended  # the step saw the job's own sys.path
     assert fake.servers() == [server]
 
 

@@ -299,7 +299,9 @@ def _code(preload: list[str]) -> tuple[list[str], list]:
             sub = os.path.join(found[top][0], *rest.split("."))
             found[top][1].append(_stat(sub + ".py") or _stat(os.path.join(sub, "__init__.py")))
     stamp += sorted([top, *facts] for top, (_, facts) in found.items()) + sorted(dists.items())
-    last = max((i + 1 for i, p in enumerate(full) if i >= first and p in dists), default=len(full))
+    # An entry's first occurrence is where imports find what it has (Snakemake appends site-packages
+    # again, after the directory it was started in).
+    last = max((full.index(p, first) + 1 for p in dists if p in full[first:]), default=len(full))
     return full[first:last], stamp
 
 
