@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,29 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_workers():
+    """The warm workers the suite's snakemake runs start are its own (a private directory of the
+    session's) and are stopped at its end, as `worker stop` stops them. Meanwhile they exit after
+    two idle minutes: they are keyed by environment, so most runs share one, and a few tests that
+    change the environment should not leave 0.4 GiB servers waiting for ten minutes each."""
+    from layerscope import worker
+
+    saved = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", worker.IDLE)}
+    d = tempfile.mkdtemp(prefix="lst")  # short: unix socket paths are limited
+    os.environ["XDG_RUNTIME_DIR"] = d
+    os.environ.setdefault(worker.IDLE, "120")
+    yield
+    if os.path.isdir(os.path.join(d, "layerscope")):
+        worker.stop_servers(Path(d) / "layerscope")
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

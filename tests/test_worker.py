@@ -1,12 +1,15 @@
 """The warm worker (worker.py): model steps forked from a server that has imported torch.
 
 Jobs here are started as Snakemake starts a script job: a process whose parent runs "snakemake"
-(a stand-in, so that the tests can kill it) calls ``steps.run_step``. Every server a test starts is
-stopped by killing its stand-in, and the test checks that it went.
+(a stand-in, so that the tests can kill it) runs a script in ``.snakemake/scripts/`` that calls
+``steps.run_step``. Every stand-in has a private directory of its own for its servers (or shares
+one with another stand-in, as two snakemake runs of one user do); the servers there are stopped as
+``worker stop`` stops them, and the test checks that they went.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -14,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +64,7 @@ os.umask(args.get("umask", 0o022))
 while args.get("go") and not os.path.exists(args["go"]):  # jobs that should start at the same moment
     time.sleep(0.001)
 steps.WARM_IMPORTS.extend(args.get("preload", []))
+sys.path.extend(args.get("extra_path", []))  # as Snakemake's preamble appends its search path
 kwargs = args["kwargs"]
 for k in args.get("tuples", []):
     kwargs[k] = tuple(kwargs[k])
@@ -102,14 +107,18 @@ class Job:
 
 
 class FakeSnakemake:
-    """A process named snakemake that starts jobs; its own short runtime dir keeps its servers apart."""
+    """A process named snakemake that starts jobs; its own short runtime dir (or ``runtime``, which
+    another stand-in made) keeps its servers apart."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, runtime: Path | None = None):
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "snakemake").write_text(FAKE_SNAKEMAKE)
-        (tmp / "job.py").write_text(JOB)
-        self.runtime = Path(tempfile.mkdtemp(prefix="lsw"))  # short: unix socket paths are limited
+        self.script = tmp / ".snakemake" / "scripts" / "job.py"  # where Snakemake puts a script job's script
+        self.script.parent.mkdir(parents=True)
+        self.script.write_text(JOB)
+        self.own_runtime = runtime is None
+        self.runtime = runtime or Path(tempfile.mkdtemp(prefix="lsw"))  # short: unix socket paths are limited
         self.proc = subprocess.Popen([sys.executable, str(tmp / "snakemake"), str(tmp)], stdin=subprocess.PIPE,
                                      text=True)
         self.count = 0
@@ -127,7 +136,7 @@ class FakeSnakemake:
         self.count += 1
         name = f"job{self.count}"
         log = self.dir / f"{name}.log"
-        job = {"id": name, "argv": [sys.executable, str(self.dir / "job.py"),
+        job = {"id": name, "argv": [sys.executable, str(self.script),
                                     json.dumps({"step": step, "log": str(log), **args})],
                "env": env or self.env(), "cwd": str(cwd or self.dir)}
         if stdin is not None:
@@ -138,20 +147,33 @@ class FakeSnakemake:
         return Job(self, name, log)
 
     def servers(self) -> list[int]:
-        """Pids of the servers this stand-in's jobs started (from their logs)."""
-        pids = []
-        for f in (self.runtime / "layerscope").glob(f"{self.proc.pid}-*.log"):
-            pids += [int(m.group(1)) for m in re.finditer(r"layerscope.worker: warm worker (\d+) for", f.read_text())]
-        return pids
+        """Pids of the servers started in its runtime dir (from their logs)."""
+        return [int(m.group(1)) for f in (self.runtime / "layerscope").glob("*.log")
+                for m in re.finditer(r"layerscope.worker: warm worker (\d+) starting", f.read_text())]
 
     def kill(self) -> None:
-        """Kill it as a user would kill snakemake, and check its servers go with it."""
-        servers = self.servers()
+        """Kill it as a user would kill snakemake; stop the servers of its runtime dir as `worker
+        stop` does, and check they went."""
         self.proc.kill()
         self.proc.wait()
-        for pid in servers:
-            wait_for(lambda: process_start(pid) is None, f"server {pid} to exit after its snakemake", timeout=120)
-        shutil.rmtree(self.runtime, ignore_errors=True)
+        if self.own_runtime:
+            stop(self)
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+def stop(fake: FakeSnakemake) -> None:
+    """``worker stop`` for the servers of ``fake``'s runtime dir; they are gone when it returns."""
+    if (fake.runtime / "layerscope").is_dir():
+        assert worker.stop_servers(fake.runtime / "layerscope")[1] == 0
+    for pid in fake.servers():
+        wait_for(lambda: process_start(pid) is None, f"server {pid} to exit", timeout=120)
+
+
+def server_of(job: Job) -> int:
+    """The server a job's step ran in, from the first line of its log."""
+    m = re.search(r"running in the warm worker: server pid (\d+),", job.log.read_text().splitlines()[0])
+    assert m, job.log.read_text()
+    return int(m.group(1))
 
 
 @pytest.fixture
@@ -169,9 +191,9 @@ def shared(tmp_path_factory):
     f.kill()
 
 
-def report(fake: FakeSnakemake) -> tuple[Job, dict]:
+def report(fake: FakeSnakemake, **env: str) -> tuple[Job, dict]:
     out = fake.dir / f"report{fake.count + 1}.json"
-    job = fake.submit("report", kwargs={"out": str(out)})
+    job = fake.submit("report", kwargs={"out": str(out)}, env=fake.env(**env))
     assert job.wait() == 0, job.stderr
     return job, json.loads(out.read_text())
 
@@ -197,7 +219,8 @@ def test_a_step_in_the_worker_sees_what_it_would_see_in_its_own_process(shared, 
         assert seen["tmpdir"] == str(own_tmp) and seen["umask"] == 0o027
         assert seen["stdin"] == f"input for {mode}"
         assert "step stdout" in job.stdout and "step stderr" in job.stderr
-        assert seen["argv"][0] == str(shared.dir / "job.py") and json.loads(seen["argv"][1])["log"] == str(job.log)
+        assert seen["argv"][0] == str(shared.script) and json.loads(seen["argv"][1])["log"] == str(job.log)
+        assert seen["path"][0] == str(shared.script.parent)
         log = job.log.read_text()
         if mode == "worker":
             assert seen["pid"] != job.pid and seen["ppid"] in shared.servers()
@@ -208,6 +231,7 @@ def test_a_step_in_the_worker_sees_what_it_would_see_in_its_own_process(shared, 
             assert "running in the job's own process, not in the warm worker: LAYERSCOPE_WORKER=0" in log
     a, b = results["worker"], results["in-process"]
     assert a["kwargs"] == b["kwargs"] and "'pair': (1, 'two')" in a["kwargs"]  # tuples stay tuples
+    assert a["path"] == b["path"]  # the job's import path, not the server's
 
 
 @pytest.mark.parametrize("switch", ["1", "0"])
@@ -226,14 +250,19 @@ def test_errors_and_exit_codes_are_those_of_a_step_in_its_own_process(shared, sw
     assert ("running in the warm worker" in job.log.read_text()) == (switch == "1")
 
 
-def test_concurrent_jobs_start_one_server(fake):
-    go = fake.dir / "go"
-    jobs = [fake.submit("report", kwargs={"out": str(fake.dir / f"c{i}.json")}, go=str(go)) for i in range(4)]
-    for j in jobs:
-        j.pid  # all four processes are up and waiting
-    time.sleep(1.0)  # for their imports (a longer or shorter wait only changes how close they start)
-    go.touch()
-    assert [j.wait() for j in jobs] == [0] * 4, [j.stderr for j in jobs]
+def test_concurrent_jobs_of_two_snakemakes_start_one_server(fake, tmp_path):
+    other = FakeSnakemake(tmp_path / "sm2", runtime=fake.runtime)  # another snakemake run of the same user
+    try:
+        go = fake.dir / "go"
+        jobs = [f.submit("report", kwargs={"out": str(fake.dir / f"c{i}.json")}, go=str(go))
+                for i, f in enumerate([fake, other] * 2)]
+        for j in jobs:
+            j.pid  # all four processes are up and waiting
+        time.sleep(1.0)  # for their imports (a longer or shorter wait only changes how close they start)
+        go.touch()
+        assert [j.wait() for j in jobs] == [0] * 4, [j.stderr for j in jobs]
+    finally:
+        other.kill()
     servers = {json.loads((fake.dir / f"c{i}.json").read_text())["ppid"] for i in range(4)}
     assert len(servers) == 1 and servers == set(fake.servers())
     assert len(list((fake.runtime / "layerscope").glob("*.sock"))) == 1
@@ -241,16 +270,157 @@ def test_concurrent_jobs_start_one_server(fake):
     assert next((fake.runtime / "layerscope").glob("*.log")).read_text().count(" starting") == 1
 
 
-def test_the_server_exits_when_its_snakemake_dies(fake):
-    job, seen = report(fake)
+@pytest.mark.parametrize("env", [{worker.IDLE: "0"}, {"SLURM_JOB_ID": "4242"}], ids=["idle0", "slurm"])
+def test_a_server_of_one_snakemake_exits_when_its_snakemake_dies(fake, env):
+    """LAYERSCOPE_WORKER_IDLE_S=0, or a job under SLURM: a server per snakemake, as before."""
+    job, seen = report(fake, **env)
     server = seen["ppid"]
     sock = next((fake.runtime / "layerscope").glob("*.sock"))
+    assert sock.name.startswith(f"{fake.proc.pid}-")
     assert process_start(server) is not None
     fake.proc.kill()  # snakemake killed (SIGKILL): it cannot stop anything itself
     fake.proc.wait()
     wait_for(lambda: process_start(server) is None, "the server to exit", timeout=120)
     assert not sock.exists()
-    assert "is gone: no more jobs" in next((fake.runtime / "layerscope").glob("*.log")).read_text()
+    log = next((fake.runtime / "layerscope").glob("*.log")).read_text()
+    assert f"for snakemake {fake.proc.pid} (until it exits, or 60 s without a step)" in log
+    assert "is gone: no more jobs" in log
+
+
+def test_a_second_snakemake_is_served_by_the_server_the_first_started(fake, tmp_path):
+    """The server outlives the snakemake that started it; another snakemake (another project
+    directory, another Snakemake source cache at the end of sys.path) connects to it."""
+    out = fake.dir / "first.json"
+    job = fake.submit("report", kwargs={"out": str(out)},
+                      extra_path=[sysconfig.get_paths()["purelib"], str(fake.dir), sysconfig.get_paths()["purelib"],
+                                  str(fake.dir / "tmpxyz789")])
+    assert job.wait() == 0, job.stderr
+    server = server_of(job)
+    fake.proc.kill()
+    fake.proc.wait()
+    time.sleep(2.5)  # more than the 1 s a server of that snakemake would take to notice it went
+    assert process_start(server) is not None
+    later = FakeSnakemake(tmp_path / "elsewhere" / "sm", runtime=fake.runtime)
+    try:
+        # Snakemake appends its own site-packages, its own sys.path (the directory it was started in
+        # first) and a source cache of its run: none of them makes another server
+        site = sysconfig.get_paths()["purelib"]
+        appended = [site, str(later.dir), site, str(tmp_path / "source-cache" / "tmpabc123")]
+        out = tmp_path / "later.json"
+        job = later.submit("report", kwargs={"out": str(out)}, extra_path=appended)
+        assert job.wait() == 0, job.stderr
+    finally:
+        later.kill()
+    assert server_of(job) == server and json.loads(out.read_text())["ppid"] == server
+    assert json.loads(out.read_text())["path"][-4:] == appended  # the step saw the job's own sys.path
+    assert fake.servers() == [server]
+
+
+def test_an_edited_layerscope_file_gives_a_new_server(fake, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(REPO / "src" / "layerscope", pkg / "layerscope", ignore=shutil.ignore_patterns("__pycache__"))
+    env = fake.env()
+    env["PYTHONPATH"] = os.pathsep.join([str(pkg), env["PYTHONPATH"]])
+    servers = []
+    for edit in (False, False, True, False):
+        if edit:
+            f = pkg / "layerscope" / "store" / "layout.py"
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+        out = tmp_path / f"s{len(servers)}.json"
+        job = fake.submit("report", env=env, kwargs={"out": str(out)})
+        assert job.wait() == 0, job.stderr
+        assert json.loads(out.read_text())["path"][1] == str(pkg)
+        servers.append(server_of(job))
+    assert servers[0] == servers[1] != servers[2] == servers[3]
+    assert len(list((fake.runtime / "layerscope").glob("*.sock"))) == 2  # the old one idles out
+
+
+def test_a_shared_server_exits_after_idle_s_without_a_step(fake):
+    job, seen = report(fake, **{worker.IDLE: "2"})
+    server = server_of(job)
+    t = time.monotonic()
+    wait_for(lambda: process_start(server) is None, "the server to idle out", timeout=60)
+    assert time.monotonic() - t > 1.0
+    assert fake.proc.poll() is None  # its snakemake still runs: the idle time ended it
+    log = next((fake.runtime / "layerscope").glob("*.log")).read_text()
+    assert "idle for 2 s: no more jobs" in log and not list((fake.runtime / "layerscope").glob("*.sock"))
+
+
+def _cli(fake: FakeSnakemake, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layerscope", "worker", *args], env=fake.env(),
+                          capture_output=True, text=True, timeout=WAIT_S)
+
+
+def test_worker_status_lists_servers_and_worker_stop_stops_them_once_their_steps_end(fake, tmp_path):
+    part = tmp_path / "part.tmp"
+    holding = fake.submit("hold", kwargs={"tmp": str(part)})
+    step = int(wait_for(lambda: part.is_file() and part.read_text(), "the step to start"))
+    server = server_of(holding)
+    res = _cli(fake, "status")
+    assert res.returncode == 0, res.stderr
+    (line,) = res.stdout.splitlines()
+    log = next((fake.runtime / "layerscope").glob("*.log"))
+    assert line.startswith(f"pid {server}  key ") and "running 1 step" in line and "steps run 1" in line
+    assert line.endswith(f"log {log}")
+    stopper = subprocess.Popen([sys.executable, "-m", "layerscope", "worker", "stop"], env=fake.env(),
+                               stdout=subprocess.PIPE, text=True)
+    # It stops taking jobs at once: the next job starts a server of its own...
+    wait_for(lambda: not list((fake.runtime / "layerscope").glob("*.sock")), "the server to stop listening")
+    job, seen = report(fake)
+    assert server_of(job) != server
+    # ...and it exits when its running step ends.
+    assert process_start(server) is not None and process_start(step) is not None
+    os.kill(holding.pid, signal.SIGTERM)
+    assert holding.wait() == 128 + signal.SIGTERM
+    assert stopper.wait(timeout=WAIT_S) == 0
+    assert stopper.stdout.read() == "stopped 1 warm worker\n"
+    assert process_start(server) is None and not part.exists()
+    res = _cli(fake, "status")
+    assert res.stdout.startswith(f"pid {server_of(job)}  key ") and "idle for" in res.stdout
+    res = _cli(fake, "stop")
+    assert (res.returncode, res.stdout) == (0, "stopped 1 warm worker\n")
+    assert _cli(fake, "status").stdout == "no warm worker running\n"
+
+
+def test_a_join_only_step_runs_in_a_running_server_but_never_starts_one(fake, tmp_path):
+    out = tmp_path / "alone.json"
+    job = fake.submit("join", kwargs={"out": str(out)})
+    assert job.wait() == 0, job.stderr
+    assert json.loads(out.read_text())["pid"] == job.pid and fake.servers() == []
+    assert "not in the warm worker: no warm worker is running, and this step does not start one" \
+        in job.log.read_text()
+    first, seen = report(fake)
+    job = fake.submit("join", kwargs={"out": str(out)})
+    assert job.wait() == 0, job.stderr
+    assert server_of(job) == server_of(first) == json.loads(out.read_text())["ppid"]
+
+
+def test_a_bad_idle_time_is_a_warning_and_the_step_runs_in_its_own_process(fake, tmp_path):
+    out = tmp_path / "r.json"
+    job = fake.submit("report", env=fake.env(**{worker.IDLE: "abc"}), kwargs={"out": str(out)})
+    assert job.wait() == 0, job.stderr
+    assert json.loads(out.read_text())["pid"] == job.pid and fake.servers() == []
+    assert ("WARNING layerscope.steps: running in the job's own process, not in the warm worker: "
+            "LAYERSCOPE_WORKER_IDLE_S='abc' is not a number of seconds") in job.log.read_text()
+
+
+def test_the_sweep_removes_the_files_of_dead_servers_only(tmp_path):
+    d = tmp_path / "rt"
+    d.mkdir()
+    for stem in ("dead", "alive", "starting", f"{os.getpid()}-run", "refused"):
+        for suffix in (".sock", ".log", ".lock"):
+            (d / f"{stem}{suffix}").touch()
+        (d / f"{stem}.99.pid").touch()
+    (d / "refused.refused").write_text(json.dumps({"why": "threads", "until": time.time() + 600}))
+    with open(d / "alive.99.pid") as alive, open(d / "starting.lock") as starting:
+        fcntl.flock(alive, fcntl.LOCK_EX)  # as a live server holds its pid file
+        fcntl.flock(starting, fcntl.LOCK_EX)  # as a client starting a server holds the start lock
+        worker._sweep(d)
+    left = sorted(f.name for f in d.iterdir())
+    assert not [f for f in left if f.startswith("dead")]
+    for stem in ("alive", "starting", f"{os.getpid()}-run", "refused"):
+        assert {f"{stem}.sock", f"{stem}.log"} <= set(left), left
+    assert "alive.99.pid" in left and "starting.99.pid" in left and "refused.99.pid" not in left
 
 
 def test_a_killed_job_process_stops_its_step_which_cleans_up(shared, tmp_path):
@@ -323,7 +493,7 @@ def test_where_the_worker_cannot_be_used_the_step_runs_in_its_own_process(shared
     assert "not in the warm worker: kwargs['names'] is a set, not JSON" in job.log.read_text()
     # not started by snakemake: run by this test directly
     out = tmp_path / "direct.json"
-    res = subprocess.run([sys.executable, str(shared.dir / "job.py"), json.dumps(
+    res = subprocess.run([sys.executable, str(shared.script), json.dumps(
         {"step": "report", "log": str(tmp_path / "direct.log"), "kwargs": {"out": str(out)}})],
         env=shared.env(), capture_output=True, text=True, timeout=WAIT_S)
     assert res.returncode == 0, res.stderr
@@ -349,11 +519,17 @@ def test_a_server_whose_imports_make_forking_unsafe_refuses_and_jobs_run_in_thei
 
 def test_which_steps_are_warm():
     assert worker.wanted(steps.capture, {}) and worker.wanted(steps.steering_generate, {})
+    assert worker.wanted(steps.answer_pass, {})
     assert worker.wanted(steps.fetch_model, {"model": {"id": "builtin:llama-tiny"}})
     assert not worker.wanted(steps.fetch_model, {"model": {"id": "/data/models/llama"}})
     assert worker.wanted(steps.fetch_adapter, {"adapter": None, "adapters": {"c": {"id": "builtin:lora"}}})
     assert not worker.wanted(steps.fetch_adapter, {"adapter": {"id": "org/lora"}, "adapters": None})
-    for torch_free in (steps.prepare_dataset, steps.store, steps.metadata, steps.summarize, steps.dashboard,
+    for model_step in (steps.capture, steps.steering_generate, steps.answer_pass, steps.fetch_model,
+                       steps.fetch_adapter):
+        assert worker.starts(model_step)
+    # tokenizing: in a server that runs already (transformers imported), never starting one
+    assert worker.wanted(steps.prepare_dataset, {}) and not worker.starts(steps.prepare_dataset)
+    for torch_free in (steps.store, steps.metadata, steps.summarize, steps.dashboard, steps.prepare_pass,
                        steps.write_settings, steps.steering_vector, steps.steering_summary, steps.steering_page):
         assert not worker.wanted(torch_free, {})
 

@@ -2,8 +2,8 @@
 ``python -m layerscope inspect RUN_DIR --pass PASS [--show-examples N] [--compare-with OTHER_RUN] [--json]``,
 ``python -m layerscope plan [--configfile FILE] [--directory DIR] [--json]``,
 ``python -m layerscope export RUN[:VARIANT] --format seed001|seed004|npy --out DIR`` and
-``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all|answer|SPAN] [--json]`` and
-``python -m layerscope serve RUN [--port 8080]``."""
+``python -m layerscope compare RUN[:VARIANT] RUN[:VARIANT] [--positions last|all|answer|SPAN] [--json]``,
+``python -m layerscope serve RUN [--port 8080]`` and ``python -m layerscope worker status|stop``."""
 
 from __future__ import annotations
 
@@ -228,6 +228,43 @@ def compare_runs(run_a: str, run_b: str, positions: str = "last", as_json: bool 
     return rows
 
 
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def worker_command(action: str, out=sys.stdout) -> None:
+    """``status``: one line per live warm worker of this user; ``stop``: stop them all (each stops
+    taking jobs at once and exits once its running steps end), waiting up to a minute."""
+    import time
+
+    from layerscope import worker
+
+    try:
+        if action == "status":
+            live = worker.servers()
+        else:
+            stopped, left = worker.stop_servers()
+    except worker.Unavailable as e:
+        raise LayerScopeError(f"worker {action}: {e}") from e
+    if action == "stop":
+        print(f"stopped {stopped} warm worker{'s' * (stopped != 1)}" + (
+            f"; {left} still finishing running steps (each exits when they end)" if left else ""), file=out)
+        return
+    if not live:
+        print("no warm worker running", file=out)
+    now = time.time()
+    for s in live:
+        busy = (f"running {s['running']} step{'s' * (s['running'] != 1)}" if s["running"] else
+                f"idle for {_duration(now - s['idle_since'])} (exits after {_duration(s['idle_s'])})")
+        whose = "" if s["owner"] is None else f" (for snakemake {s['owner']})"
+        stopping = ", stopping" if s["state"] == "stopping" else ""
+        print(f"pid {s['pid']}  key {s['key']}{whose}  age {_duration(now - s['started'])}  {busy}{stopping}  "
+              f"steps run {s['steps']}  log {s['log']}", file=out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,13 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "RUN/interpretations.json")
     srv.add_argument("run_dir", help="a run directory, e.g. results/demo")
     srv.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0: any free port)")
+    wk = sub.add_parser("worker", help="the warm workers model jobs run in: list them (status) or stop them (stop)")
+    wk.add_argument("action", choices=["status", "stop"])
     args = parser.parse_args(argv)
     if args.command == "inspect" and args.show_examples < 0:
         parser.error("--show-examples: must be 0 or more")
     if args.command == "serve" and not 0 <= args.port <= 65535:
         parser.error("--port: must be 0 to 65535")
     try:
-        if args.command == "plan":
+        if args.command == "worker":
+            worker_command(args.action)
+        elif args.command == "plan":
             plan_run(args.configfile, args.directory, args.json)
         elif args.command == "export-steering":
             from layerscope.interop.steering import export_steering

@@ -2,7 +2,8 @@
 
 ``run_step`` turns a LayerScopeError into one clear message in the job's log and on stderr,
 and a non-zero exit, instead of a traceback. Steps that load a model are marked ``@warm``: they
-run in a process forked from the warm worker (worker.py), which has imported torch already.
+run in a process forked from the warm worker (worker.py), which has imported torch already;
+tokenizing joins a running one but never starts one.
 """
 
 from __future__ import annotations
@@ -41,24 +42,26 @@ def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
     stops, cleaning up, if the snakemake that started it dies (see watchdog.py). A ``@warm`` step
     runs in the warm worker where it can (then this returns None), else here."""
     exit_with_parent()
-    note = None
+    note, level = None, logging.INFO
     if worker.wanted(fn, kwargs):
         try:
             code = worker.run(log_path, fn, kwargs, _run_here, WARM_IMPORTS)
         except worker.Unavailable as e:
             note = f"running in the job's own process, not in the warm worker: {e}"
+            level = logging.WARNING if e.warn else logging.INFO
         else:
             if code:
                 sys.exit(code)
             return None
-    return _run_here(log_path, fn, kwargs, note)
+    return _run_here(log_path, fn, kwargs, note, level)
 
 
-def _run_here(log_path: str, fn: Callable[..., Any], kwargs: dict, note: str | None = None) -> Any:
+def _run_here(log_path: str, fn: Callable[..., Any], kwargs: dict, note: str | None = None,
+              level: int = logging.INFO) -> Any:
     """The step in this process (the job's own, or the warm worker's child for it)."""
     setup_logging(log_path)
     if note:
-        log.info("%s", note)
+        log.log(level, "%s", note)
     try:
         return fn(**kwargs)
     except LayerScopeError as e:
@@ -122,6 +125,7 @@ def load_manifest(model_manifest: str, adapter_manifest: str | None = None) -> d
     return {"adapter": None, **read_json(model_manifest), **(read_json(adapter_manifest) if adapter_manifest else {})}
 
 
+@warm(start=False)  # in a running server (transformers imported already), but not worth starting one
 def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_code: bool = False) -> dict:
     from layerscope.data.dataset import prepare
     from layerscope.models.loading import load_tokenizer
