@@ -40,9 +40,12 @@ rule all:
     default_target: True
 
 
+freeze_definitions()
+
+
 onsuccess:
-    end_timers()
+    end_run()
 
 
 onerror:
-    end_timers()
+    end_run()

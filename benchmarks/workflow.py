@@ -21,12 +21,17 @@ Python start-up). Prints a table, then one JSON line of medians and ratios:
 
 Model jobs run in the warm worker (layerscope/worker.py) unless LAYERSCOPE_WORKER=0; ``--worker
 both`` runs every workflow both ways, interleaved, and prints one table and JSON line per way
-(``"worker": "on"`` / ``"off"``).
+(``"worker": "on"`` / ``"off"``). A worker outlives its snakemake (LAYERSCOPE_WORKER_IDLE_S), so
+with the worker on each run is measured ``--server cold`` (every server stopped first, with
+``python -m layerscope worker stop``: the run imports torch once, as the first run of the day
+does) and/or ``warm`` (the server an earlier run left is up, as for every later run); ``both``
+(the default) runs each workflow cold, then at once warm, and reports each way (``"worker":
+"cold"`` / ``"warm"``). The stale re-run follows its own way's full run.
 
 ``--device cuda`` runs the floor and the capture jobs on the GPU (the model's float32 weights).
 
     PYTHONPATH=$PWD/src python benchmarks/workflow.py [--repeats 2] [--lpj 1 2 8] [--worker on|off|both]
-                                                      [--sequences N] [--device cpu|cuda] [--cores 2] [--keep DIR]
+                                                      [--server cold|warm|both] [--sequences N] [--device cpu|cuda] [--cores 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -77,8 +82,14 @@ def env(worker: str | None = None) -> dict[str, str]:
     out = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": src if not path else (path if path.split(os.pathsep)[0] == src else f"{src}{os.pathsep}{path}")}
     if worker is not None:
-        out["LAYERSCOPE_WORKER"] = "1" if worker == "on" else "0"
+        out["LAYERSCOPE_WORKER"] = "0" if worker == "off" else "1"
     return out
+
+
+def stop_servers() -> None:
+    """Stop every warm worker of this user (they outlive their snakemake): the next run starts cold."""
+    subprocess.run([sys.executable, "-m", "layerscope", "worker", "stop"], env=env(), check=True,
+                   capture_output=True, text=True)
 
 
 def make_texts(tokenizer, n: int, seq: int, seed: int = 0) -> list[str]:
@@ -118,6 +129,8 @@ def snakemake(scratch: Path, configfile: Path, worker: str | None = None) -> tup
     """Run the real CLI, ``--cores CORES``; return its wall time and output; raise with its output tail if it fails."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(scratch),
            "--cores", str(CORES), "--configfile", str(configfile), "--nocolor"]
+    if worker == "cold":
+        stop_servers()
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env(worker), cwd=scratch)
     wall = time.perf_counter() - t
@@ -218,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-stale", action="store_true", help="skip the stale-layer re-run (and the lpj 1 run it needs)")
     ap.add_argument("--worker", choices=["on", "off", "both"], default=None,
                     help="model jobs in the warm worker or not (default: as LAYERSCOPE_WORKER says; both: each way)")
+    ap.add_argument("--server", choices=["cold", "warm", "both"], default="both",
+                    help="with the worker on: every server stopped before each run, one left up by the run before, "
+                         "or each run both ways (cold, then warm)")
     ap.add_argument("--keep", default=None, help="scratch root to keep (default: a temp dir, removed)")
     ap.add_argument("--device", default="cpu", help="capture.device of the workflow and the floor's device (cpu, cuda)")
     ap.add_argument("--cores", type=int, default=CORES, help="snakemake --cores")
@@ -257,9 +273,15 @@ def run(args, root: Path) -> int:
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, device {args.device}", flush=True)
     forward_seconds(model, ids, offsets[:3], CONFIG["capture"]["batch_size"])  # warm-up, two sequences
 
-    modes = ["off", "on"] if args.worker == "both" else [args.worker]
-    times: dict[str | None, dict[str, list[float]]] = {m: {"forward": []} for m in modes}
-    jobs: dict[str | None, dict[str, dict[str, dict[str, list[float]]]]] = {m: {} for m in modes}
+    on = args.worker in ("on", "both") or (args.worker is None and os.environ.get("LAYERSCOPE_WORKER", "").strip() != "0")
+    servers = ["cold", "warm"] if args.server == "both" else [args.server]
+    modes = (["off"] if args.worker in ("off", "both") else []) + (servers if on else [])
+    if modes == ["warm"]:  # a server for the first measured run
+        warmup = _fresh(root / "warmup")
+        snakemake(warmup, write_inputs(warmup, texts, CONFIG), "warm")
+        shutil.rmtree(warmup, ignore_errors=True)
+    times: dict[str, dict[str, list[float]]] = {m: {"forward": []} for m in modes}
+    jobs: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {m: {} for m in modes}
     for r in range(args.repeats):
         fwd = forward_seconds(model, ids, offsets, CONFIG["capture"]["batch_size"])
         for m in modes:
@@ -267,12 +289,10 @@ def run(args, root: Path) -> int:
         print(f"[{r}] forward {fwd:.2f} s", flush=True)
         for lpj in args.lpj:
             for mode in modes:
-                tag = f" (worker {mode})" if mode else ""
+                tag = f" (worker {mode})"
                 cfg = copy.deepcopy(CONFIG)
                 cfg["capture"]["layers_per_job"] = lpj
-                scratch = root / f"r{r}-lpj{lpj}{'-' + mode if mode else ''}"
-                shutil.rmtree(scratch, ignore_errors=True)
-                scratch.mkdir()
+                scratch = _fresh(root / f"r{r}-lpj{lpj}-{mode}")
                 cfgfile = write_inputs(scratch, texts, cfg)
                 t0 = time.time()
                 key = f"lpj={lpj}"
@@ -292,10 +312,20 @@ def run(args, root: Path) -> int:
                 if r + 1 < args.repeats or not args.keep:
                     shutil.rmtree(scratch / "results", ignore_errors=True)  # disk: keep only the last run's
     for mode in modes:
-        if mode:
-            print(f"\n=== model jobs in the warm worker: {mode} ===")
+        print(f"\n=== model jobs: {WAYS[mode]} ===")
         report(times[mode], jobs[mode], args.lpj, mode)
     return 0
+
+
+WAYS = {"off": "each in its own process (LAYERSCOPE_WORKER=0)",
+        "cold": "in the warm worker, every server stopped before the run",
+        "warm": "in the warm worker, the server of the run before still up"}
+
+
+def _fresh(d: Path) -> Path:
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    return d
 
 
 def record(jobs: dict, key: str, per_job: dict[str, dict[str, float]]) -> None:
@@ -304,7 +334,7 @@ def record(jobs: dict, key: str, per_job: dict[str, dict[str, float]]) -> None:
             jobs.setdefault(key, {}).setdefault(name, {}).setdefault(kind, []).append(v)
 
 
-def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int], worker: str | None = None) -> None:
+def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int], worker: str) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     fwd = med["forward"]
     print(f"\n{'measure':<14}{'median s':>10}{'x forward':>11}   runs")
@@ -340,7 +370,7 @@ def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int], worker: s
         "repeats": len(times["forward"]),
         "device": CONFIG["capture"]["device"],
         "cores": CORES,
-        "worker": worker or ("off" if os.environ.get("LAYERSCOPE_WORKER", "").strip() == "0" else "on"),
+        "worker": worker,
     }
     print(json.dumps(out))
 

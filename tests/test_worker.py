@@ -387,12 +387,31 @@ def test_a_join_only_step_runs_in_a_running_server_but_never_starts_one(fake, tm
     job = fake.submit("join", kwargs={"out": str(out)})
     assert job.wait() == 0, job.stderr
     assert json.loads(out.read_text())["pid"] == job.pid and fake.servers() == []
-    assert "not in the warm worker: no warm worker is running, and this step does not start one" \
+    assert "not in the warm worker: no warm worker is ready, and this step does not start one" \
         in job.log.read_text()
     first, seen = report(fake)
     job = fake.submit("join", kwargs={"out": str(out)})
     assert job.wait() == 0, job.stderr
     assert server_of(job) == server_of(first) == json.loads(out.read_text())["ppid"]
+
+
+def test_a_join_only_step_does_not_wait_for_a_server_still_importing(fake, tmp_path):
+    mods, go = tmp_path / "mods", tmp_path / "go"
+    mods.mkdir()
+    (mods / "ls_slow_import.py").write_text(f"import os, time\nwhile not os.path.exists({str(go)!r}):\n"
+                                            "    time.sleep(0.05)\n")
+    env = fake.env()
+    env["PYTHONPATH"] += os.pathsep + str(mods)
+    starter = fake.submit("report", env=env, kwargs={"out": str(tmp_path / "s.json")}, preload=["ls_slow_import"])
+    wait_for(fake.servers, "the server to start")  # listening, still importing
+    out = tmp_path / "j.json"
+    job = fake.submit("join", env=env, kwargs={"out": str(out)}, preload=["ls_slow_import"])
+    assert job.wait() == 0, job.stderr
+    assert json.loads(out.read_text())["pid"] == job.pid
+    assert "no warm worker is ready, and this step does not start one" in job.log.read_text()
+    go.touch()
+    assert starter.wait() == 0, starter.stderr
+    assert server_of(starter) == fake.servers()[0]
 
 
 def test_a_bad_idle_time_is_a_warning_and_the_step_runs_in_its_own_process(fake, tmp_path):
@@ -527,11 +546,12 @@ def test_which_steps_are_warm():
     for model_step in (steps.capture, steps.steering_generate, steps.answer_pass, steps.fetch_model,
                        steps.fetch_adapter):
         assert worker.starts(model_step)
-    # tokenizing: in a server that runs already (transformers imported), never starting one
-    assert worker.wanted(steps.prepare_dataset, {}) and not worker.starts(steps.prepare_dataset)
-    for torch_free in (steps.store, steps.metadata, steps.summarize, steps.dashboard, steps.prepare_pass,
-                       steps.write_settings, steps.steering_vector, steps.steering_summary, steps.steering_page):
-        assert not worker.wanted(torch_free, {})
+    # steps that need no torch: in a server that runs already, never starting one
+    for torch_free in (steps.prepare_dataset, steps.prepare_pass, steps.store, steps.metadata, steps.summarize,
+                       steps.dashboard, steps.pass_metadata, steps.steering_vector, steps.steering_summary,
+                       steps.steering_page):
+        assert worker.wanted(torch_free, {}) and not worker.starts(torch_free)
+    assert not worker.wanted(steps.write_settings, {})  # a few lines of JSON: nothing to spare
 
 
 def _store_files(run: Path) -> dict[str, bytes]:
@@ -558,8 +578,13 @@ def test_the_workflow_in_the_worker_writes_the_bytes_it_writes_without(demo, tmp
     assert res.returncode == 0, res.stderr[-3000:]
     for w, how in ((demo, "running in the warm worker"), (wd, "not in the warm worker: LAYERSCOPE_WORKER=0")):
         logs = sorted((w / "logs/demo/capture").glob("*.log")) + [w / "logs/demo/fetch_model.log"]
+        # the steps after capture join the worker the captures left up and ready
+        logs += [w / f"logs/demo/{step}.log" for step in ("store", "metadata", "summarize", "dashboard")]
         assert logs and all(how in f.read_text() for f in logs)
-        assert "warm worker" not in (w / "logs/demo/store.log").read_text()
+    summaries = [json.loads((w / "results/demo/summaries/summary.json").read_text()) for w in (demo, wd)]
+    for s in summaries:
+        del s["meta"]["created"]
+    assert summaries[0] == summaries[1]
     ours, theirs = _store_files(demo / "results/demo"), _store_files(wd / "results/demo")
     assert any(k.startswith("model/weights") for k in ours) and any("/c/" in k for k in ours)
     assert ours.keys() == theirs.keys()

@@ -2,8 +2,10 @@
 
 ``run_step`` turns a LayerScopeError into one clear message in the job's log and on stderr,
 and a non-zero exit, instead of a traceback. Steps that load a model are marked ``@warm``: they
-run in a process forked from the warm worker (worker.py), which has imported torch already;
-tokenizing joins a running one but never starts one.
+run in a process forked from the warm worker (worker.py), which has imported torch already. The
+other steps (``@warm(start=False)``) run there too when a worker is up, which spares them importing
+transformers, zarr and numpy (a third to a half of a short step's process), but never start one:
+a step that needs no torch must not wait for its import.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ WARM_IMPORTS = [
     "transformers.models.auto.tokenization_auto", "peft",
     *(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "qwen2", "gpt2", "opt", "mixtral", "mistral")),
     "layerscope.steps", "layerscope.capture.run", "layerscope.store.layout", "layerscope.models.builtin",
-    "layerscope.steering.generate",
+    "layerscope.steering.generate", "layerscope.data.metadata", "layerscope.analysis.summaries", "layerscope.web.page",
 ]
 
 
@@ -125,7 +127,7 @@ def load_manifest(model_manifest: str, adapter_manifest: str | None = None) -> d
     return {"adapter": None, **read_json(model_manifest), **(read_json(adapter_manifest) if adapter_manifest else {})}
 
 
-@warm(start=False)  # in a running server (transformers imported already), but not worth starting one
+@warm(start=False)
 def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_code: bool = False) -> dict:
     from layerscope.data.dataset import prepare
     from layerscope.models.loading import load_tokenizer
@@ -136,6 +138,7 @@ def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_cod
                    add_generation_prompt=dataset.get("add_generation_prompt", False))
 
 
+@warm(start=False)
 def prepare_pass(manifest: str, task: dict, spec: dict, out_dir: str, trust_remote_code: bool = False) -> dict:
     """Render and tokenize the task's questions for one prompted pass (passes/prompts.py)."""
     from layerscope.models.loading import load_tokenizer
@@ -157,6 +160,7 @@ def answer_pass(manifest: str, adapter: str, prompts_dir: str, out_dir: str, ans
             trust_remote_code)
 
 
+@warm(start=False)
 def pass_metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, answers: str,
                   metadata_out: str, run_metadata_out: str, run_config_out: str) -> None:
     """A pass's per-question ``metadata.json`` (seed 004's list), once its store is finished, and
@@ -211,6 +215,7 @@ def capture(manifest: str, adapter: str, dataset_dir: str, store: str, params: d
                        steer=steer)
 
 
+@warm(start=False)
 def steering_vector(spec: dict, base_dir: str, run_dir: str, num_layers: int, hidden: int, out: str,
                     info_out: str) -> None:
     """A concept's vector, from its file or the contrast of two splits, with its provenance."""
@@ -248,6 +253,7 @@ def steering_generate(manifest: str, adapter: str, dataset_dir: str, target: dic
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+@warm(start=False)
 def steering_page(run_dir: str, summary: str, out: str, examples: int) -> None:
     """A steered run's page (web/steering_page.py)."""
     from layerscope.analysis.steering import page_data
@@ -257,6 +263,7 @@ def steering_page(run_dir: str, summary: str, out: str, examples: int) -> None:
     log.info("steering page written to %s (%d bytes)", out, size)
 
 
+@warm(start=False)
 def steering_summary(run_dir: str, target: dict, vector: str, regions: int, out: str) -> None:
     import numpy as np
 
@@ -268,6 +275,7 @@ def steering_summary(run_dir: str, target: dict, vector: str, regions: int, out:
              s["total_intensity"])
 
 
+@warm(start=False)
 def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str, variant: str | None = None) -> None:
     from layerscope import __version__
     from layerscope.data.dataset import load_examples, load_tokens
@@ -280,6 +288,7 @@ def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str, vari
     log.info("store %s finalized: %d arrays x %d parts", store, len(arrays), parts)
 
 
+@warm(start=False)
 def metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, metadata_out: str,
              run_config_out: str) -> None:
     from layerscope.data.metadata import write_metadata
@@ -287,6 +296,7 @@ def metadata(config: dict, manifest: str, adapter: str, examples: str, store: st
     write_metadata(config, load_manifest(manifest, adapter), examples, store, metadata_out, run_config_out)
 
 
+@warm(start=False)
 def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool = False, threads: int = 1) -> None:
     from layerscope.analysis.summaries import summarize as _summarize
     from layerscope.packed import pack
@@ -297,6 +307,7 @@ def summarize(run_dir: str, dashboard: dict, out: str, trust_remote_code: bool =
     write_json(out, pack(summary), indent=None)
 
 
+@warm(start=False)
 def dashboard(summary: str, out: str) -> None:
     from layerscope.web.page import write_dashboard
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import glob
 import hashlib
 import importlib
 import importlib.util
@@ -360,10 +361,16 @@ def _try_connect(path: Path) -> socket.socket | None:
 
 def _connect(paths: _Paths, server: dict, start: bool) -> socket.socket:
     """Connect to the server of this key, starting it first if there is none (and ``start``)."""
+    if not start:
+        # A server still importing would keep a step that needs none of it waiting for seconds.
+        if not any(_held(f) and (_read_state(f) or {}).get("state") == "serving"
+                   for f in paths.dir.glob(f"{glob.escape(paths.stem)}.*.pid")):
+            raise Unavailable("no warm worker is ready, and this step does not start one")
+        if (s := _try_connect(paths.sock)) is not None:
+            return s
+        raise Unavailable("no warm worker is running, and this step does not start one")
     if (s := _try_connect(paths.sock)) is not None:
         return s
-    if not start:
-        raise Unavailable("no warm worker is running, and this step does not start one")
     with _locked(paths.lock):  # one job at a time starts a server; the others then connect
         if (s := _try_connect(paths.sock)) is not None:
             return s
