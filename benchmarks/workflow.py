@@ -9,7 +9,8 @@ repeated:
             batches of 8 under torch.inference_mode): the floor
   lpj=N     end-to-end `python -m snakemake --cores 2` from an empty scratch directory with
             capture.layers_per_job N (1, 2, 8); the built-in model is generated inside the
-            workflow (fetch_model writes it under results/RUN/model), so that is included
+            workflow (fetch_model writes it under results/RUN/model), so that is included;
+            ``--model local`` fetches the same weights from a directory instead (no torch)
   stale     after the lpj=1 run, capture.overrides gives layer 5 two sites and snakemake re-runs:
             the cost of re-capturing one stale layer (plus store, metadata, summaries, dashboard)
 
@@ -31,7 +32,7 @@ does) and/or ``warm`` (the server an earlier run left is up, as for every later 
 ``--device cuda`` runs the floor and the capture jobs on the GPU (the model's float32 weights).
 
     PYTHONPATH=$PWD/src python benchmarks/workflow.py [--repeats 2] [--lpj 1 2 8] [--worker on|off|both]
-                                                      [--server cold|warm|both] [--sequences N] [--device cpu|cuda] [--cores 2] [--keep DIR]
+                                                      [--server cold|warm|both] [--model builtin|local] [--sequences N] [--device cpu|cuda] [--cores 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -237,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", default=None, help="scratch root to keep (default: a temp dir, removed)")
     ap.add_argument("--device", default="cpu", help="capture.device of the workflow and the floor's device (cpu, cuda)")
     ap.add_argument("--cores", type=int, default=CORES, help="snakemake --cores")
+    ap.add_argument("--model", choices=["builtin", "local"], default="builtin",
+                    help="the workflow generates the built-in model (fetch_model needs torch), or fetches the "
+                         "same weights from a local directory (as a downloaded model: no torch)")
     args = ap.parse_args(argv)
     CORES = args.cores
     CONFIG["capture"]["device"] = args.device
@@ -262,6 +266,8 @@ def run(args, root: Path) -> int:
     t = time.perf_counter()
     model_dir = root / "model"
     manifest = {"model": fetch(parse_ref(CONFIG["model"]), model_dir / "weights"), "adapter": None}
+    if args.model == "local":  # the same weights as a model directory, as a downloaded model is fetched
+        CONFIG["model"] = {"id": manifest["model"]["path"], "dtype": CONFIG["model"]["dtype"]}
     model, tok = load_model(manifest, device=args.device, dtype=CONFIG["model"]["dtype"])
     texts = make_texts(tok, args.sequences, SEQ_LEN)
     data = root / "data.jsonl"
@@ -370,6 +376,7 @@ def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int], worker: s
         "repeats": len(times["forward"]),
         "device": CONFIG["capture"]["device"],
         "cores": CORES,
+        "model": "builtin" if str(CONFIG["model"]["id"]).startswith("builtin:") else "local",
         "worker": worker,
     }
     print(json.dumps(out))

@@ -414,6 +414,24 @@ def test_a_join_only_step_does_not_wait_for_a_server_still_importing(fake, tmp_p
     assert server_of(starter) == fake.servers()[0]
 
 
+def test_a_prestarting_step_starts_a_server_for_the_model_steps_after_it(fake, tmp_path):
+    out = tmp_path / "p.json"
+    job = fake.submit("prepare", kwargs={"out": str(out)})
+    assert job.wait() == 0, job.stderr
+    assert json.loads(out.read_text())["pid"] == job.pid  # the step itself ran in its own process
+    assert len(fake.servers()) == 1
+    first, _ = report(fake)
+    assert server_of(first) == fake.servers()[0]
+    again = fake.submit("prepare", kwargs={"out": str(out)})  # a server is up: nothing more starts
+    assert again.wait() == 0, again.stderr
+    assert len(fake.servers()) == 1 and server_of(report(fake)[0]) == server_of(first)
+    logs = "".join(f.read_text() for f in (fake.runtime / "layerscope").glob("*.log"))
+    assert "bad request" not in logs and "WARNING" not in logs
+    env = fake.env(**{worker.SWITCH: "0"})  # nor where the worker is off
+    assert fake.submit("prepare", env=env, kwargs={"out": str(out)}).wait() == 0
+    assert len(fake.servers()) == 1
+
+
 def test_a_bad_idle_time_is_a_warning_and_the_step_runs_in_its_own_process(fake, tmp_path):
     out = tmp_path / "r.json"
     job = fake.submit("report", env=fake.env(**{worker.IDLE: "abc"}), kwargs={"out": str(out)})
@@ -546,6 +564,9 @@ def test_which_steps_are_warm():
     for model_step in (steps.capture, steps.steering_generate, steps.answer_pass, steps.fetch_model,
                        steps.fetch_adapter):
         assert worker.starts(model_step)
+    # what runs before the model steps, in its own process, starts a server for them meanwhile
+    assert worker.prestarts(steps.fetch_model) and worker.prestarts(steps.prepare_dataset)
+    assert not worker.prestarts(steps.store) and not worker.prestarts(steps.capture)
     # steps that need no torch: in a server that runs already, never starting one
     for torch_free in (steps.prepare_dataset, steps.prepare_pass, steps.store, steps.metadata, steps.summarize,
                        steps.dashboard, steps.pass_metadata, steps.steering_vector, steps.steering_summary,

@@ -33,6 +33,12 @@ def join(out: str) -> None:
     report(out)
 
 
+@warm(when=lambda kwargs: False, prestart=True)
+def prepare(out: str) -> None:
+    """``report`` in its own process, starting a server for the model steps after it."""
+    report(out)
+
+
 @warm
 def fail(message: str) -> None:
     raise DataError(message)

@@ -55,7 +55,12 @@ def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
             if code:
                 sys.exit(code)
             return None
-    return _run_here(log_path, fn, kwargs, note, level)
+    starting = worker.prestart(WARM_IMPORTS) if worker.prestarts(fn) else None
+    try:
+        return _run_here(log_path, fn, kwargs, note, level)
+    finally:
+        if starting is not None:
+            starting.join()
 
 
 def _run_here(log_path: str, fn: Callable[..., Any], kwargs: dict, note: str | None = None,
@@ -79,7 +84,9 @@ def _builtin(*specs: dict | None) -> bool:
     return any(str((s or {}).get("id", "")).startswith("builtin:") for s in specs)
 
 
-@warm(when=lambda kw: _builtin(kw.get("model")))
+# A model from a directory or the hub is fetched without torch, and a server for the model steps
+# after it starts meanwhile (so does tokenizing, which follows it or a change of the data set).
+@warm(when=lambda kw: _builtin(kw.get("model")), prestart=True)
 def fetch_model(model: dict, hub_cache: str | None, weights_dir: str, manifest_out: str) -> dict:
     """Resolve the model (built-in, local directory or hub snapshot) and write its manifest."""
     from layerscope.models.loading import fetch, parse_ref
@@ -127,7 +134,7 @@ def load_manifest(model_manifest: str, adapter_manifest: str | None = None) -> d
     return {"adapter": None, **read_json(model_manifest), **(read_json(adapter_manifest) if adapter_manifest else {})}
 
 
-@warm(start=False)
+@warm(start=False, prestart=True)
 def prepare_dataset(manifest: str, dataset: dict, out_dir: str, trust_remote_code: bool = False) -> dict:
     from layerscope.data.dataset import prepare
     from layerscope.models.loading import load_tokenizer

@@ -96,12 +96,15 @@ class Unavailable(Exception):
         self.warn = warn
 
 
-def warm(fn: Callable | None = None, *, when: Callable[[dict], bool] | None = None, start: bool = True) -> Callable:
+def warm(fn: Callable | None = None, *, when: Callable[[dict], bool] | None = None, start: bool = True,
+         prestart: bool = False) -> Callable:
     """Mark a step to run in the warm worker; ``when(kwargs)`` decides per call (e.g. only a
     built-in model needs torch to be fetched); ``start=False``: only in a server that is running
-    already, never starting one (a step that needs no torch must not wait for its import)."""
+    already, never starting one (a step that needs no torch must not wait for its import);
+    ``prestart``: where the step runs in its own process, it starts a server in the background
+    for the model steps that follow it (see ``prestart``)."""
     def mark(f: Callable) -> Callable:
-        f.__layerscope_warm__ = (when, start)
+        f.__layerscope_warm__ = (when, start, prestart)
         return f
 
     return mark(fn) if fn is not None else mark
@@ -115,7 +118,12 @@ def wanted(fn: Callable, kwargs: dict) -> bool:
 
 def starts(fn: Callable) -> bool:
     """Whether warm step ``fn`` may start a server, not only join a running one."""
-    return getattr(fn, "__layerscope_warm__", (None, False))[1]
+    return getattr(fn, "__layerscope_warm__", (None, False, False))[1]
+
+
+def prestarts(fn: Callable) -> bool:
+    """Whether step ``fn``, run in its own process, starts a server for the model steps after it."""
+    return getattr(fn, "__layerscope_warm__", (None, False, False))[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,12 +134,51 @@ def run(log_path: str, fn: Callable, kwargs: dict, runner: Callable, preload: li
     """Run ``runner(log_path, fn, kwargs, note)`` in a child of the warm server; returns the exit
     status this process should exit with. Raises Unavailable, having run nothing, where the worker
     cannot be used."""
-    if os.environ.get(SWITCH, "1").strip() == "0":
-        raise Unavailable(f"{SWITCH}=0")
-    _check_platform()
+    _check_usable()
     request = {"protocol": PROTOCOL, "fn": _ref(fn), "runner": _ref(runner), "kwargs": _to_json(kwargs, "kwargs"),
                "cwd": os.getcwd(), "env": dict(os.environ), "argv": sys.argv, "path": sys.path, "umask": _umask(),
                "log": os.path.abspath(log_path), "pid": os.getpid()}
+    paths, server = _server_for(preload)
+    for attempt in (1, 2):  # once more if a server closed (idle) just as this job connected
+        with _connect(paths, server, starts(fn)) as sock:
+            try:
+                return _call(sock, request, log_path)
+            except _Closed:
+                if attempt == 2:
+                    raise Unavailable(f"the warm worker closed before running the step (its log: {paths.log})")
+    raise AssertionError("unreachable")
+
+
+def prestart(preload: list[str]) -> threading.Thread | None:
+    """Start this environment's server in the background if none is up, for the model steps that
+    follow the calling one (a model fetched from a directory or the hub, its data tokenized): its
+    imports then overlap the calling step's work instead of delaying the first model step. Returns
+    the thread starting it, which holds the start lock until the server listens: join it before
+    this process exits. None where there is nothing to start: a server is up (or starting), the
+    worker cannot be used here, or it could not outlive this job (under SLURM each job has its own)."""
+    try:
+        _check_usable()
+        if os.environ.get("SLURM_JOB_ID"):
+            return None
+        paths, server = _server_for(preload)
+        if (s := _try_connect(paths.sock)) is not None:
+            s.close()
+            return None
+    except Unavailable:
+        return None
+
+    def start() -> None:
+        with contextlib.suppress(Unavailable, OSError), _connect(paths, server, True):
+            pass  # connected: it listens (and imports); it closes this connection once it serves
+
+    t = threading.Thread(target=start, name="layerscope-worker-prestart", daemon=True)
+    t.start()
+    return t
+
+
+def _server_for(preload: list[str]) -> tuple[_Paths, dict]:
+    """The files of the server this job would use, and what starting one takes; Unavailable where
+    the worker cannot be used."""
     owner = job_owner()
     if owner is None or not _is_snakemake(owner):
         raise Unavailable("this job was not started by snakemake")
@@ -145,21 +192,16 @@ def run(log_path: str, fn: Callable, kwargs: dict, runner: Callable, preload: li
     paths = _Paths(runtime_dir(), key if bound is None else f"{bound}-{key}")
     server = {"path": path, "dir": str(paths.dir), "stem": paths.stem, "owner": bound,
               "owner_start": process_start(bound) if bound is not None else None, "preload": preload, "idle_s": idle}
-    for attempt in (1, 2):  # once more if a server closed (idle) just as this job connected
-        with _connect(paths, server, starts(fn)) as sock:
-            try:
-                return _call(sock, request, log_path)
-            except _Closed:
-                if attempt == 2:
-                    raise Unavailable(f"the warm worker closed before running the step (its log: {paths.log})")
-    raise AssertionError("unreachable")
+    return paths, server
 
 
 class _Closed(Exception):
     """The server closed the connection before it started the step."""
 
 
-def _check_platform() -> None:
+def _check_usable() -> None:
+    if os.environ.get(SWITCH, "1").strip() == "0":
+        raise Unavailable(f"{SWITCH}=0")
     if not sys.platform.startswith("linux"):
         raise Unavailable(f"not on Linux ({sys.platform})")
     if not (hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "SO_PEERCRED")
@@ -795,6 +837,9 @@ class _Server:
                 conn.close()
                 return
             req, fds = _recv(conn, with_fds=True)
+            if req is None and not fds:  # a prestart: it only waited for the socket
+                conn.close()
+                return
             if req is None or req.get("protocol") != PROTOCOL or req.get("pid") != pid or len(fds) != 3:
                 raise ValueError("not a request of this version")
             with contextlib.suppress(OSError, AttributeError):
