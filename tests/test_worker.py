@@ -432,6 +432,25 @@ def test_a_prestarting_step_starts_a_server_for_the_model_steps_after_it(fake, t
     assert len(fake.servers()) == 1
 
 
+def test_a_preload_function_runs_once_in_the_server_before_any_fork(fake, tmp_path):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ls_counts.py").write_text("import os\nCALLS = []\ndef warm():\n    CALLS.append(os.getpid())\n")
+    env = fake.env()
+    env["PYTHONPATH"] += os.pathsep + str(mods)
+    seen = []
+    for i in range(2):
+        out = tmp_path / f"c{i}.json"
+        job = fake.submit("preloaded", env=env, kwargs={"out": str(out), "module": "ls_counts"},
+                          preload=["ls_counts:warm"])
+        assert job.wait() == 0, job.stderr
+        seen.append(json.loads(out.read_text()))
+    server = fake.servers()[0]
+    assert [r["calls"] for r in seen] == [[server], [server]]  # called in the server, once for both
+    assert all(r["ppid"] == server and r["pid"] != server for r in seen)
+    assert "layerscope.models.loading:preload" in steps.WARM_IMPORTS  # the capture's tokenizer tables
+
+
 def test_a_bad_idle_time_is_a_warning_and_the_step_runs_in_its_own_process(fake, tmp_path):
     out = tmp_path / "r.json"
     job = fake.submit("report", env=fake.env(**{worker.IDLE: "abc"}), kwargs={"out": str(out)})

@@ -27,7 +27,7 @@ log = logging.getLogger("layerscope.steps")
 
 # What the warm worker imports before it forks a step: what the model steps import, and the
 # modeling code of the architectures LayerScope is tested on (a model of another architecture
-# imports its own in the step, as it would anyway).
+# imports its own in the step, as it would anyway); "module:function" is called once there too.
 WARM_IMPORTS = [
     "torch", "numpy", "zarr", "zarr.storage", "safetensors.torch", "tokenizers", "transformers",
     "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
@@ -35,6 +35,7 @@ WARM_IMPORTS = [
     *(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "qwen2", "gpt2", "opt", "mixtral", "mistral")),
     "layerscope.steps", "layerscope.capture.run", "layerscope.store.layout", "layerscope.models.builtin",
     "layerscope.steering.generate", "layerscope.data.metadata", "layerscope.analysis.summaries", "layerscope.web.page",
+    "layerscope.models.loading:preload",
 ]
 
 

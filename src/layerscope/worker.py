@@ -734,11 +734,14 @@ class _Server:
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         t = time.perf_counter()
         for name in preload:
+            module, _, call = name.partition(":")  # "module:function": import it, then call it once
             try:
-                importlib.import_module(name)
+                importlib.import_module(module)
+                if call:
+                    getattr(sys.modules[module], call)()
             except Exception as e:  # a missing optional module: the child imports what it needs
                 log.warning("preload %s: %s: %s", name, type(e).__name__, e)
-        log.info("imported %d modules in %.2f s", len(preload), time.perf_counter() - t)
+        log.info("preloaded %d modules in %.2f s", len(preload), time.perf_counter() - t)
         if (why := _fork_hazard()) is not None:
             # Kept while a server would have lived: the jobs meanwhile run in their own process
             # without each paying the imports again to hear the same answer.

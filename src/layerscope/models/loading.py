@@ -392,6 +392,12 @@ def _transformers_class(name: str):
         return None
 
 
+def preload() -> None:
+    """What the warm worker does once before it forks steps: read AutoTokenizer's tables (0.3 s
+    of parsing transformers' source, which every capture job's tokenizer check would repeat)."""
+    _auto_tokenizer_tables()
+
+
 _OPTIONAL = "?"  # a table entry that depends on an optional package (sentencepiece, mistral_common)
 _TABLES: tuple[dict[str, str | None], set[str], set[str]] | None = None
 
