@@ -172,7 +172,8 @@ def histograms(acts, cols: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int
         ok = np.isfinite(x)
         b = np.clip(((x - lo) / span * bins).astype(np.int64, copy=False) if ok.all()
                     else np.floor(np.where(ok, (x - lo) / span * bins, 0)).astype(np.int64), 0, bins - 1)
-        counts += np.bincount((b + which)[ok], minlength=len(cols) * bins)
+        b += which
+        counts += np.bincount(b.ravel() if ok.all() else b[ok], minlength=len(cols) * bins)
     return counts.reshape(len(cols), bins)
 
 
@@ -186,7 +187,7 @@ def range_samples(run: Run, acts, cards: np.ndarray, ranges: int) -> np.ndarray:
         return out
     peaks = np.empty((n_ex, len(cards)), np.float64)
     for e in range(n_ex):
-        x = np.asarray(acts.example(e), dtype=np.float64)[..., cards]
+        x = np.asarray(acts.example(e)[..., cards], dtype=np.float64)  # the cards' columns, then widen
         peaks[e] = np.nanmax(np.atleast_2d(x), axis=0) if np.isfinite(x).any() else np.nan
     with warnings.catch_warnings(), np.errstate(invalid="ignore"):  # a neuron without a value (no rows): no sample
         warnings.simplefilter("ignore", RuntimeWarning)
