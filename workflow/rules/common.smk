@@ -314,8 +314,8 @@ def pass_pattern():
 def freeze_definitions():
     """Exempt every object made so far (Snakemake's modules, the rules, the plan: all live until the
     process ends) from garbage collection. The interpreter's last collection walks them all, 0.35 s
-    of every snakemake start, dry runs included (a one-layer re-run takes 4 s); frozen, they are
-    freed with the process instead, and the collections while the DAG is built skip them too."""
+    at the end of every snakemake run, dry runs included (a one-layer re-run takes 4 s); frozen,
+    they are freed with the process instead, and the collections while the DAG is built skip them."""
     import gc
 
     gc.freeze()
