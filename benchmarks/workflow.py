@@ -22,7 +22,7 @@ Python start-up). Prints a table, then one JSON line of medians and ratios:
 
 Model jobs run in the warm worker (layerscope/worker.py) unless LAYERSCOPE_WORKER=0; ``--worker
 both`` runs every workflow both ways, interleaved, and prints one table and JSON line per way
-(``"worker": "on"`` / ``"off"``). A worker outlives its snakemake (LAYERSCOPE_WORKER_IDLE_S), so
+(``"worker": "off"``, and the ways below for on). A worker outlives its snakemake (LAYERSCOPE_WORKER_IDLE_S), so
 with the worker on each run is measured ``--server cold`` (every server stopped first, with
 ``python -m layerscope worker stop``: the run imports torch once, as the first run of the day
 does) and/or ``warm`` (the server an earlier run left is up, as for every later run); ``both``

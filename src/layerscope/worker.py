@@ -405,8 +405,7 @@ def _connect(paths: _Paths, server: dict, start: bool) -> socket.socket:
     """Connect to the server of this key, starting it first if there is none (and ``start``)."""
     if not start:
         # A server still importing would keep a step that needs none of it waiting for seconds.
-        if not any(_held(f) and (_read_state(f) or {}).get("state") == "serving"
-                   for f in paths.dir.glob(f"{glob.escape(paths.stem)}.*.pid")):
+        if not any(s["state"] == "serving" for s in servers(paths.dir, paths.stem)):
             raise Unavailable("no warm worker is ready, and this step does not start one")
         if (s := _try_connect(paths.sock)) is not None:
             return s
@@ -635,11 +634,13 @@ def _recv(sock: socket.socket, with_fds: bool = False) -> Any:
 # What `python -m layerscope worker status|stop` asks
 
 
-def servers(d: Path | None = None) -> list[dict]:
-    """The live servers in this user's private directory (``d`` instead, if given): what their
-    pid files say (pid, start, key, log, owner, idle_s, started, idle_since, steps, running, state)."""
+def servers(d: Path | None = None, stem: str | None = None) -> list[dict]:
+    """The live servers in this user's private directory (``d`` instead, if given; of one key's
+    ``stem`` only, if given): what their pid files say (pid, start, key, log, owner, idle_s,
+    started, idle_since, steps, running, state)."""
     d = d or runtime_dir()
-    return [s for f in sorted(d.glob("*.pid")) if _held(f) and (s := _read_state(f)) is not None]
+    pattern = f"{glob.escape(stem)}.*.pid" if stem is not None else "*.pid"
+    return [s for f in sorted(d.glob(pattern)) if _held(f) and (s := _read_state(f)) is not None]
 
 
 def _read_state(f: Path) -> dict | None:
