@@ -358,3 +358,33 @@ def test_a_layer_captured_again_is_the_only_one_summarised_again(tmp_path, model
     fresh = pack(summaries.summarize(run_dir, **kw))
     assert json.dumps(after) == json.dumps(fresh) and json.dumps(after) != json.dumps(first)
     assert not (cache / "neurons_L007_stale.json").exists()
+
+
+def test_a_norm_site_as_dashboard_site_is_read_once(tmp_path, model_factory, monkeypatch):
+    """dashboard.site resid_post: the neuron scan gives the heatmap its norms (no second pass over the
+    array), equal bit for bit to the norms pass's, and to a float64 hand computation; the layer cache
+    gives them back too."""
+    from layerscope.analysis import summaries
+    from layerscope.packed import pack
+    from layerscope.store.reader import Run
+
+    run_dir = small_run(tmp_path, model_factory,
+                        {L: {"sites": ["resid_post", "attn_out"], "positions": "all"} for L in range(3)})
+    calls: list[tuple[str, int]] = []
+    real = summaries._layer_norms
+    monkeypatch.setattr(summaries, "_layer_norms", lambda *a: calls.append((a[0], a[-1])) or real(*a))
+    kw = dict(top_k=3, context=2, neurons_per_layer=5)
+    fused = pack(summaries.summarize(run_dir, site="resid_post", **kw, cache_dir=str(tmp_path / "cache")))
+    assert sorted(calls) == [("attn_out", L) for L in range(3)]  # resid_post's norms: from the scan
+    calls.clear()
+    plain = pack(summaries.summarize(run_dir, site="attn_out", **kw))  # resid_post's norms from their own pass
+    assert ("resid_post", 0) in calls
+    assert json.dumps(fused["norms"], sort_keys=True) == json.dumps(plain["norms"], sort_keys=True)
+    cached = pack(summaries.summarize(run_dir, site="resid_post", **kw, cache_dir=str(tmp_path / "cache")))
+    assert json.dumps(cached, sort_keys=True) == json.dumps(fused, sort_keys=True)
+    run = Run(run_dir)
+    v = summaries.unpack(fused["norms"])["sites"]["resid_post"]
+    cols = summaries.unpack(fused["examples"])["index"][summaries.unpack(fused["norms"])["columns"]]
+    for j, L in enumerate(v["layers"]):
+        want = norms_of(run, L, "resid_post")[run.offsets[cols + 1] - 1]
+        np.testing.assert_allclose(v["last"][j], want, rtol=1e-6)

@@ -2,7 +2,8 @@
 
 ``scan`` reads a (layer, site) array once and keeps, per neuron: the largest and smallest value,
 mean and standard deviation, the mean of each split, and the k examples with the highest (lowest)
-activation, one entry per example (an example's value is its maximum (minimum) over its tokens).
+activation, one entry per example (an example's value is its maximum (minimum) over its tokens),
+and, asked for, the L2 norm of every row (a norm site's heatmap: one read of the array for both).
 ``histograms`` and ``contexts`` then read only what the neurons that get a card need. NaN and
 infinite values (float16 overflow) are left out of every statistic.
 """
@@ -15,13 +16,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from layerscope.analysis.blocks import chunks, square_norms
 from layerscope.store.reader import Run
 
 
 @dataclass
 class Scan:
     """What one pass over a (layer, site) array keeps: [width] vectors, [splits, width] per-split
-    means, and [width, k] top/bottom example values and indices (best first; -1 where fewer)."""
+    means, [width, k] top/bottom example values and indices (best first; -1 where fewer), and the
+    rows' norms (float32, as norms.row_norms gives them) where asked for, else None."""
 
     max: np.ndarray
     min: np.ndarray
@@ -32,6 +35,7 @@ class Scan:
     top_e: np.ndarray
     bot_v: np.ndarray
     bot_e: np.ndarray
+    norms: np.ndarray | None = None
 
     def selectivity(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per neuron, the split whose mean is highest and (its mean - the other splits' mean) / sd:
@@ -71,7 +75,7 @@ def _merge_best(best_v: np.ndarray | None, best_e: np.ndarray | None, v: np.ndar
     return v, np.ascontiguousarray(e)
 
 
-def scan(run: Run, acts, k: int) -> Scan:
+def scan(run: Run, acts, k: int, norms: bool = False) -> Scan:
     """One pass over ``acts`` (a whole-run Activations view): see the module docstring."""
     width = acts.width
     splits = list(run.splits.values())
@@ -81,36 +85,52 @@ def scan(run: Run, acts, k: int) -> Scan:
     mx = np.full(width, -np.inf, np.float32); mn = np.full(width, np.inf, np.float32)
     top = bot = (None, None)
     carry: tuple[int, np.ndarray, np.ndarray] | None = None  # an example that may go on in the next shard
+    norm_rows = np.empty(acts.shape[0], np.float32) if norms else None
     for (r0, r1), block in acts.iter_shards():
-        x = np.asarray(block, dtype=np.float32)
-        # a NaN or an infinity makes its column's float64 sum non-finite: mask only then
-        clean = bool(np.isfinite(x.sum(0, dtype=np.float64)).all())
-        if not clean:
-            finite = np.isfinite(x)
-            x = np.where(finite, x, np.nan)
-        for i, (a, b) in enumerate(bounds):
-            lo, hi = max(a, r0), min(b, r1)
-            if lo < hi:
-                part = x[lo - r0:hi - r0]
-                if clean:  # the common case: plain sums, float64 accumulators, no NaN masking
-                    s1[i] += part.sum(0, dtype=np.float64)
-                    s2 += np.square(part).sum(0, dtype=np.float64)
-                    cnt[i] += hi - lo
-                else:
-                    s1[i] += np.nansum(part, 0, dtype=np.float64)
-                    s2 += np.nansum(np.square(part, dtype=np.float64), 0)
-                    cnt[i] += np.count_nonzero(finite[lo - r0:hi - r0], 0)
         ex = rows.examples(r0, r1)
         starts = np.flatnonzero(np.diff(ex, prepend=-1))
+        ends = np.append(starts[1:], r1 - r0)
         seg_e = ex[starts]
-        if not acts.per_token:
-            hi_v = lo_v = x
-        else:
-            # one reduction per example slice: ~15x faster than ufunc.reduceat along axis 0
-            ends = np.append(starts[1:], len(x))
+        # per example (per row where there is one row an example) its extremes over its rows
+        hi_v = np.empty((len(starts) if acts.per_token else r1 - r0, width), np.float32)
+        lo_v = np.empty_like(hi_v) if acts.per_token else hi_v
+        for c0, c1, x in chunks(block):
+            g0, g1 = r0 + c0, r0 + c1
+            sq = np.square(x)
+            if norm_rows is not None:
+                norm_rows[g0:g1] = square_norms(sq)
+            # a NaN or an infinity makes its column's float64 sum non-finite: mask only then
+            total = x.sum(0, dtype=np.float64)
+            clean = bool(np.isfinite(total).all())
+            if not clean:
+                finite = np.isfinite(x)
+                x[~finite] = np.nan
+            for i, (a, b) in enumerate(bounds):
+                lo, hi = max(a, g0), min(b, g1)
+                if lo >= hi:
+                    continue
+                if clean:  # the common case: plain sums, float64 accumulators, no NaN masking
+                    whole = hi - lo == g1 - g0
+                    s1[i] += total if whole else x[lo - g0:hi - g0].sum(0, dtype=np.float64)
+                    s2 += sq[lo - g0:hi - g0].sum(0, dtype=np.float64)
+                    cnt[i] += hi - lo
+                else:
+                    part = x[lo - g0:hi - g0]
+                    s1[i] += np.nansum(part, 0, dtype=np.float64)
+                    s2 += np.nansum(np.square(part, dtype=np.float64), 0)
+                    cnt[i] += np.count_nonzero(finite[lo - g0:hi - g0], 0)
+            if not acts.per_token:
+                hi_v[c0:c1] = x
+                continue
+            # one reduction per example piece: ~15x faster than ufunc.reduceat along axis 0
             big, small = (np.max, np.min) if clean else (np.fmax.reduce, np.fmin.reduce)
-            hi_v = np.stack([big(x[a:b], 0) for a, b in zip(starts, ends)])
-            lo_v = np.stack([small(x[a:b], 0) for a, b in zip(starts, ends)])
+            for j in range(np.searchsorted(starts, c0, "right") - 1, np.searchsorted(starts, c1, "left")):
+                a, b = max(starts[j], c0), min(ends[j], c1)
+                if a == starts[j]:  # the example's first piece
+                    hi_v[j], lo_v[j] = big(x[a - c0:b - c0], 0), small(x[a - c0:b - c0], 0)
+                else:
+                    np.fmax(hi_v[j], big(x[a - c0:b - c0], 0), out=hi_v[j])
+                    np.fmin(lo_v[j], small(x[a - c0:b - c0], 0), out=lo_v[j])
         mx = np.fmax(mx, np.fmax.reduce(hi_v, 0))  # the extremes of the per-example extremes
         mn = np.fmin(mn, np.fmin.reduce(lo_v, 0))
         if carry is not None and carry[0] == seg_e[0]:
@@ -131,7 +151,7 @@ def scan(run: Run, acts, k: int) -> Scan:
         sd = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
         split_mean = s1 / cnt
     return Scan(mx, mn, mean.astype(np.float32), sd.astype(np.float32), split_mean.astype(np.float32),
-                *_ordered(*top, width, True), *_ordered(*bot, width, False))
+                *_ordered(*top, width, True), *_ordered(*bot, width, False), norm_rows)
 
 
 def _ordered(v: np.ndarray | None, e: np.ndarray | None, width: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -165,15 +185,18 @@ def histograms(acts, cols: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int
     counts = np.zeros(len(cols) * bins, np.int64)
     if not len(cols):
         return counts.reshape(0, bins)
-    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float64)
+    lo = np.asarray(lo, np.float64)
+    scale = bins / np.where(hi > lo, hi - lo, 1.0).astype(np.float64)
     which = np.arange(len(cols)) * bins
     for _, block in acts.iter_shards():
-        x = np.asarray(block[:, cols], dtype=np.float64)
-        ok = np.isfinite(x)
-        b = np.clip(((x - lo) / span * bins).astype(np.int64, copy=False) if ok.all()
-                    else np.floor(np.where(ok, (x - lo) / span * bins, 0)).astype(np.int64), 0, bins - 1)
-        b += which
-        counts += np.bincount(b.ravel() if ok.all() else b[ok], minlength=len(cols) * bins)
+        for _, _, x in chunks(np.take(block, cols, axis=1)):
+            t = (x - lo) * scale  # float64: a value's bin as numpy.histogram computes it, up to rounding
+            ok = np.isfinite(t)
+            every = bool(ok.all())
+            b = t.astype(np.int64) if every else np.floor(np.where(ok, t, 0)).astype(np.int64)
+            np.clip(b, 0, bins - 1, out=b)
+            b += which
+            counts += np.bincount(b.ravel() if every else b[ok], minlength=len(cols) * bins)
     return counts.reshape(len(cols), bins)
 
 

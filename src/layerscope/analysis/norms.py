@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from layerscope.analysis.blocks import block_norms, chunks
 from layerscope.store.reader import Run
 
 NORM_SITES = ("resid_post", "attn_out", "mlp_out")
@@ -26,9 +27,8 @@ def row_norms(acts) -> np.ndarray:
     """float32 L2 norm of every row of an Activations view, shard by shard (NaN rows stay NaN)."""
     out = np.empty(acts.shape[0], dtype=np.float32)
     for (r0, r1), block in acts.iter_shards():  # rows relative to the view
-        x = np.asarray(block, dtype=np.float32)
-        # float64 accumulation: a 4096-wide float32 sum of squares loses digits otherwise
-        out[r0:r1] = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+        for c0, c1, x in chunks(block):
+            out[r0 + c0:r0 + c1] = block_norms(x)
     return out
 
 
@@ -37,8 +37,7 @@ def diff_row_norms(a, b) -> np.ndarray:
     block by block (a's shards)."""
     out = np.empty(a.shape[0], dtype=np.float32)
     for (r0, r1), block in a.iter_shards():
-        x = np.asarray(block, dtype=np.float32) - np.asarray(b.rows(r0, r1), dtype=np.float32)
-        out[r0:r1] = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+        out[r0:r1] = block_norms(np.asarray(block, dtype=np.float32) - np.asarray(b.rows(r0, r1), dtype=np.float32))
     return out
 
 

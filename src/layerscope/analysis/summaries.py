@@ -44,7 +44,7 @@ TOKEN_TOP = 3  # neurons listed for a token x layer heatmap cell
 _RUN: Any = None
 
 # Bump when what a layer's cached result holds, or how it is computed, changes.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def map_layers(run: Any, fn: Callable[[Any, int], Any], layers: list[int], workers: int, desc: str) -> list[Any]:
@@ -242,36 +242,47 @@ def _layer_norms(site: str, run: Run, layer: int) -> np.ndarray:
     return row_norms(run.activations(layer, site))
 
 
-def norm_summaries(run: Run, texts: Texts, heatmap_examples: int, example_columns: int,
-                   workers: int = 1, cache: LayerCache | None = None) -> dict[str, Any]:
-    """The heatmaps' data for every norm site the run captured (see norms.site_norms)."""
-    chosen = pick_examples(run, heatmap_examples)
+def token_heatmap_examples(run: Run, chosen: list[int]) -> list[int]:
+    """The examples of the token x layer heatmap: ``chosen``, where a norm site has a row per token."""
+    per_token = any(run.activations(L, s).per_token for L, s in run.arrays if s in NORM_SITES)
+    return chosen if per_token else []
+
+
+def norm_summaries(run: Run, texts: Texts, chosen: list[int], example_columns: int, workers: int = 1,
+                   cache: LayerCache | None = None, known: dict[tuple[int, str], np.ndarray] | None = None
+                   ) -> dict[str, Any]:
+    """The heatmaps' data for every norm site the run captured (see norms.site_norms), for the
+    ``chosen`` examples. ``known``: norms already computed, by (layer, site) (the neuron scan's)."""
+    known = known or {}
     columns = pick_examples(run, example_columns)
     sites = {}
     for site in NORM_SITES:
         layers = [L for L, s in run.arrays if s == site]
         if layers:
             log.info("norms of %s", site)
-            norms = layer_results(run, partial(_layer_norms, site), layers, workers, f"norms {site}", cache,
-                                  "norms", site, {})
-            sites[site] = site_norms(run, site, chosen, columns, norms_of=dict(zip(layers, norms)).pop)
+            todo = [L for L in layers if (L, site) not in known]
+            norms = dict(zip(todo, layer_results(run, partial(_layer_norms, site), todo, workers, f"norms {site}",
+                                                 cache, "norms", site, {})))
+            norms.update({L: known[L, site] for L in layers if L not in norms})
+            sites[site] = site_norms(run, site, chosen, columns, norms_of=norms.pop)
     for other in other_variants(run):
         for site in NORM_SITES:
             log.info("norms of %s: %s - %s", site, run.variant, other.variant)
             v = diff_norms(run, other, site, chosen, columns)
             if v is not None:
                 sites[f"{site}:{run.variant}-{other.variant}"] = v
-    token_examples = chosen if any("token_layers" in v for v in sites.values()) else []
-    return {"sites": sites, "token_examples": token_examples, "token_docs": [texts.doc(e) for e in token_examples],
+    token_examples = token_heatmap_examples(run, chosen)
+    return {"sites": sites, "token_docs": [texts.doc(e) for e in token_examples],
             "columns": np.array([texts.example(e) for e in columns], np.int64)}
 
 
 def _layer_neurons(site: str, top_k: int, context: int, neurons_per_layer: int, token_examples: list[int],
                    run: Run, layer: int) -> dict[str, Any]:
     """One layer's neuron statistics and cards. Its entries' ``doc`` index ``spans``, the (example,
-    start, end) spans they show, for the caller to turn into docs (Texts lives in one process)."""
+    start, end) spans they show, for the caller to turn into docs (Texts lives in one process). A norm
+    site's scan also gives its rows' norms (``norms``), sparing the heatmap a second read of the array."""
     acts = run.activations(layer, site)
-    sc = nz.scan(run, acts, top_k)
+    sc = nz.scan(run, acts, top_k, norms=site in NORM_SITES)
     best, sel = sc.selectivity(np.array([acts.map.offsets[b] - acts.map.offsets[a]  # rows per split
                                          for a, b in run.splits.values()]))
     cards = nz.pick_cards(sc, sel, neurons_per_layer)
@@ -293,21 +304,28 @@ def _layer_neurons(site: str, top_k: int, context: int, neurons_per_layer: int, 
         ids, vals = nz.token_top(acts, token_examples, TOKEN_TOP)
         token_top = {"ids": ids, "values": vals}
     # one packed array, not thousands of JSON lists: the per-layer cache reads it back in one go
-    return {"out": out, "spans": np.array(spans, np.int64).reshape(-1, 3), "token_top": token_top}
+    return {"out": out, "spans": np.array(spans, np.int64).reshape(-1, 3), "token_top": token_top,
+            "norms": sc.norms}
 
 
-def neuron_summaries(run: Run, texts: Texts, site: str, top_k: int, context: int, neurons_per_layer: int,
-                     output_tokens: int, token_examples: list[int], unembed: Any, workers: int = 1,
-                     cache: LayerCache | None = None) -> dict[str, Any]:
-    """Index statistics of every neuron of ``site``, and cards for ``neurons_per_layer`` per layer."""
-    layers: dict[str, Any] = {}
-    token_top: dict[str, Any] = {}
+def neuron_layers(run: Run, site: str, top_k: int, context: int, neurons_per_layer: int,
+                  token_examples: list[int], workers: int = 1, cache: LayerCache | None = None) -> dict[int, Any]:
+    """``_layer_neurons`` of every layer that captured ``site``, by layer (from ``cache`` where it holds them)."""
     wanted = [L for L, s in run.arrays if s == site]
     fn = partial(_layer_neurons, site, top_k, context, neurons_per_layer, token_examples)
     settings = {"top_k": top_k, "context": context, "cards": neurons_per_layer, "token_examples": token_examples,
                 "bins": HIST_BINS, "ranges": RANGES, "token_top": TOKEN_TOP}
-    results = layer_results(run, fn, wanted, workers, f"neurons {site}", cache, "neurons", site, settings)
-    for L, r in zip(wanted, results):
+    return dict(zip(wanted, layer_results(run, fn, wanted, workers, f"neurons {site}", cache, "neurons", site,
+                                          settings)))
+
+
+def neuron_summaries(texts: Texts, site: str, top_k: int, context: int, neurons_per_layer: int,
+                     output_tokens: int, results: dict[int, Any], unembed: Any) -> dict[str, Any]:
+    """Index statistics of every neuron of ``site``, and cards for ``neurons_per_layer`` per layer, from
+    ``neuron_layers``' ``results``: their spans become docs, their cards get output tokens."""
+    layers: dict[str, Any] = {}
+    token_top: dict[str, Any] = {}
+    for L, r in results.items():
         out, cards = r["out"], r["out"]["cards"]
         docs = np.array([texts.doc(*sp) for sp in r["spans"].tolist()], np.int64)
         out["entries"]["doc"] = docs[out["entries"]["doc"]] if len(docs) else out["entries"]["doc"]
@@ -368,12 +386,17 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
     for note in notes.values():
         if note:
             log.warning("%s", note)
-    norms = norm_summaries(run, texts, heatmap_examples, example_columns, workers, cache)
-    token_examples = norms.pop("token_examples")
-    neurons = None
+    chosen = pick_examples(run, heatmap_examples)
+    # the neuron scan first: for a norm site it gives the heatmap's norms too (one read of each layer)
+    results = None
     if notes["neurons"] is None:
-        neurons = neuron_summaries(run, texts, site, top_k, context, neurons_per_layer, output_tokens,
-                                   token_examples, unembed, workers, cache)
+        results = neuron_layers(run, site, top_k, context, neurons_per_layer, token_heatmap_examples(run, chosen),
+                                workers, cache)
+    known = {(L, site): r["norms"] for L, r in (results or {}).items() if r["norms"] is not None}
+    norms = norm_summaries(run, texts, chosen, example_columns, workers, cache, known)
+    neurons = None
+    if results is not None:
+        neurons = neuron_summaries(texts, site, top_k, context, neurons_per_layer, output_tokens, results, unembed)
         notes["output_tokens"] = output_note if unembed is None else None
     if cache is not None:
         cache.prune()
