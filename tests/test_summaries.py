@@ -274,13 +274,21 @@ def test_summarize_reads_weights_without_torch(demo, tmp_path):
 
 @pytest.mark.parametrize("positions", ["all", "last"])
 @pytest.mark.parametrize("shard_rows", [7, 64, 1000])
-def test_scan_matches_numpy_across_shards_and_nonfinite_values(positions, shard_rows):
-    """Per-example top/bottom k, statistics and split means, with examples cut by shard boundaries
-    and NaN/inf values (left out of every statistic)."""
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_scan_matches_numpy_across_shards_and_nonfinite_values(positions, shard_rows, chunk_rows, monkeypatch):
+    """Per-example top/bottom k, statistics, split means, row norms and card histograms, with examples
+    cut by shard boundaries and by the chunks a shard is widened in (``chunk_rows``; None: the
+    default, one chunk here), and NaN/inf values (left out of every statistic, NaN/inf norms)."""
     from types import SimpleNamespace
 
-    from layerscope.analysis.neurons import scan
+    from layerscope.analysis import blocks
+    from layerscope.analysis.neurons import histograms, scan
+    from layerscope.analysis.norms import row_norms
     from tests.synthetic import SyntheticActivations
+
+    if chunk_rows is not None:
+        monkeypatch.setattr(blocks, "MIN_ROWS", 1)
+        monkeypatch.setattr(blocks, "CHUNK_BYTES", chunk_rows * 9 * 4)
 
     rng = np.random.default_rng(shard_rows)
     lengths = rng.integers(1, 12, size=30)
@@ -291,8 +299,19 @@ def test_scan_matches_numpy_across_shards_and_nonfinite_values(positions, shard_
     x[:, 3] = 1.0  # every example ties
     x[:, 4] = np.round(x[:, 4] * 2) / 2  # ties at many values, at the k-th place too (shared prompt prefixes)
     run = SimpleNamespace(offsets=offsets, splits={"a": (0, 13), "b": (13, 30)})
-    sc = scan(run, SyntheticActivations(x, offsets, positions, shard_rows), k=4)
+    acts = SyntheticActivations(x, offsets, positions, shard_rows)
+    sc = scan(run, acts, k=4, norms=True)
     xm = np.where(np.isfinite(x), x, np.nan)
+    want_norms = np.sqrt((x.astype(np.float64) ** 2).sum(1))  # NaN rows NaN, infinite rows inf
+    np.testing.assert_allclose(sc.norms, want_norms, rtol=1e-6)
+    np.testing.assert_array_equal(row_norms(acts), sc.norms)  # the heatmap's own pass: the same bits
+    cols = np.array([0, 1, 4, 7])
+    lo, hi = sc.min[cols], sc.max[cols]
+    hist = histograms(acts, cols, lo, hi, 5)
+    for c, n in enumerate(cols):
+        finite = x[np.isfinite(x[:, n]), n]
+        counts, _ = np.histogram(finite, bins=5, range=(lo[c], hi[c]))
+        assert hist[c].sum() == len(finite) and np.abs(hist[c] - counts).sum() <= 1
     span = (lambda a, b: (offsets[a], offsets[b])) if positions == "all" else (lambda a, b: (a, b))
     np.testing.assert_allclose(sc.max, np.nanmax(xm, 0))
     np.testing.assert_allclose(sc.mean, np.nanmean(xm, 0), rtol=1e-5, atol=1e-6)
