@@ -18,7 +18,9 @@ Per job it reads Snakemake's benchmark files (results/RUN/benchmarks/*.tsv, rule
 `benchmark:`) and the span between the first and last line of each job log (logs/RUN/**.log;
 that span starts after the interpreter and the step's module are imported, so it misses
 Python start-up). Prints a table, then one JSON line of medians and ratios:
-``e2e_over_forward`` per layers_per_job, ``lpj1_over_all`` and ``stale_layer_over_full``.
+``e2e_over_forward`` per layers_per_job, ``lpj1_over_all``, ``stale_layer_over_full``, and
+``overhead_s``: each run's wall time less its capture jobs' (their benchmark files), the workflow's
+own cost in seconds, which the machine's drift between the forward and the run does not skew.
 
 Model jobs run in the warm worker (layerscope/worker.py) unless LAYERSCOPE_WORKER=0; ``--worker
 both`` runs every workflow both ways, interleaved, and prints one table and JSON line per way
@@ -373,6 +375,9 @@ def report(times: dict[str, list[float]], jobs: dict, lpjs: list[int], worker: s
         "lpj1_over_all": round(med["lpj=1"] / med[all_key], 3) if "lpj=1" in med else None,
         "stale_layer_over_full": round(med["stale"] / med["lpj=1"], 3) if "stale" in med else None,
         "capture_jobs_s": {k: round(v, 2) for k, v in capture_sums.items()},
+        # what the workflow adds to its capture jobs, both timed in the same run: steadier than the
+        # ratio to a forward timed minutes earlier on a machine whose speed drifts
+        "overhead_s": {k: round(med[k] - capture_sums[k], 2) for k in capture_sums if k in med},
         "repeats": len(times["forward"]),
         "device": CONFIG["capture"]["device"],
         "cores": CORES,
