@@ -328,16 +328,23 @@ def test_scan_matches_numpy_across_shards_and_nonfinite_values(positions, shard_
         np.testing.assert_array_equal(sc.bot_e[n], want)
 
 
-def test_layers_summarised_in_parallel_give_the_same_summary(tmp_path, model_factory):
-    """workers > 1 computes layers in forked processes; docs, texts and order must not change."""
+def test_layers_summarised_in_parallel_give_the_same_summary(tmp_path, model_factory, monkeypatch):
+    """workers > 1 computes layers, and decodes the docs' token texts, in forked processes; docs,
+    texts and order must not change."""
+    from layerscope.analysis import summaries
     from layerscope.analysis.summaries import summarize
     from layerscope.packed import pack
 
     run_dir = small_run(tmp_path, model_factory,
                         {L: {"sites": ["resid_post", "attn_out", "mlp_act"], "positions": "all"} for L in range(3)}
                         | {3: {"sites": ["resid_post", "mlp_act"], "positions": "last"}})
+    ahead: list[int] = []
+    real = summaries.Texts.decode_ahead
+    monkeypatch.setattr(summaries.Texts, "decode_ahead",
+                        lambda self, e, w: real(self, e, w) or ahead.append(len(self.decoded)))
     one = pack(summarize(run_dir, top_k=3, context=2, neurons_per_layer=5))
     many = pack(summarize(run_dir, top_k=3, context=2, neurons_per_layer=5, workers=3))
+    assert ahead[0] == 0 and ahead[1] > 1  # one process decodes as it goes; three decoded ahead
     assert json.dumps(many, sort_keys=True) == json.dumps(one, sort_keys=True)
     assert set(one["neurons"]["layers"]) == {"0", "1", "2", "3"} and one["docs"]["offsets"]
 
