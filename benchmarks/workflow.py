@@ -308,7 +308,7 @@ def run(args, root: Path) -> int:
                 times[mode].setdefault(key, []).append(wall)
                 print(f"[{r}] {key}{tag} {wall:.2f} s", flush=True)
                 record(jobs[mode], key, job_times(scratch, cfg["run"], t0, text))
-                if lpj == 1:
+                if lpj == 1 and not args.no_stale:
                     cfg["capture"].setdefault("overrides", {}).update(STALE_OVERRIDE)
                     write_config(scratch, cfg)
                     time.sleep(1.0)  # mtimes: the re-run's files must be newer than the full run's
