@@ -12,8 +12,8 @@ rule summarize:
     benchmark:
         f"{RESULTS}/benchmarks/summarize.tsv"
     # Layers are summarised in parallel, one process each (on a cluster: set-threads), each
-    # holding a shard's rows as stored, widened 1 MiB at a time, and an example's extremes per
-    # example of the shard.
+    # holding a shard's rows as stored, widened 1 MiB at a time, and the maxima and minima of
+    # each of the shard's examples.
     threads: host_cores()
     resources:
         mem_mb=lambda w, threads: 3000 + 600 * threads,
