@@ -47,10 +47,10 @@ _RUN: Any = None
 CACHE_FORMAT = 3
 
 
-def map_layers(run: Any, fn: Callable[[Any, int], Any], layers: list[int], workers: int, desc: str,
+def map_layers(run: Any, fn: Callable[[Any, Any], Any], layers: list[Any], workers: int, desc: str,
                unit: str = "layer") -> list[Any]:
-    """``fn(run, L)`` for each layer (or other ``unit`` of work), in order: in this process, or in
-    ``workers`` forked ones."""
+    """``fn(run, L)`` for each layer (or other picklable ``unit`` of work), in order: in this
+    process, or in ``workers`` forked ones."""
     global _RUN
     bar = partial(tqdm, total=len(layers), desc=desc, unit=unit, mininterval=1.0, disable=not layers)
     if workers <= 1 or len(layers) < 2:
@@ -78,7 +78,7 @@ def _worker_start(parent: int) -> None:
         os._exit(1)
 
 
-def _call(fn: Callable[[Any, int], Any], layer: int) -> Any:
+def _call(fn: Callable[[Any, Any], Any], layer: Any) -> Any:
     return fn(_RUN, layer)
 
 
@@ -182,7 +182,6 @@ class Texts:
         self.index: dict[str, int] = {}
         self.cache: dict[int, list[int]] = {}
         self.decoded: dict[int, list[str]] = {}  # pieces decoded ahead (decode_ahead), not yet in the table
-        self.batches: list[list[int]] = []  # decode_ahead's work, read by its forked workers
         self.docs: dict[tuple[int, int, int], int] = {}
         self.examples: dict[int, int] = {}
 
@@ -193,13 +192,9 @@ class Texts:
         todo = sorted({int(e) for e in examples} - self.cache.keys() - self.decoded.keys())
         if workers <= 1 or len(todo) < 2:
             return
-        self.batches = [todo[i::4 * workers] for i in range(min(len(todo), 4 * workers))]
-        try:
-            done = map_layers(self, _decode_batch, list(range(len(self.batches))), workers, "token texts", "batch")
-            for batch, pieces in zip(self.batches, done):
-                self.decoded.update(zip(batch, pieces))
-        finally:
-            self.batches = []
+        batches = [todo[i::4 * workers] for i in range(min(len(todo), 4 * workers))]
+        for batch, pieces in zip(batches, map_layers(self, _decode_batch, batches, workers, "token texts", "batch")):
+            self.decoded.update(zip(batch, pieces))
 
     def text(self, s: str) -> int:
         return self.index.setdefault(s, len(self.index))
@@ -246,9 +241,9 @@ class Texts:
                          "toks": np.concatenate(toks) if toks else np.zeros(0, np.int64)}}
 
 
-def _decode_batch(texts: Texts, i: int) -> list[list[str]]:
-    """The token texts of each example of ``texts.batches[i]`` (in a forked worker: ``texts`` is inherited)."""
-    return [texts.pieces(texts.run.tokens(e)) for e in texts.batches[i]]
+def _decode_batch(texts: Texts, batch: list[int]) -> list[list[str]]:
+    """The token texts of each example of ``batch`` (in a forked worker: ``texts`` is inherited)."""
+    return [texts.pieces(texts.run.tokens(e)) for e in batch]
 
 
 def other_variants(run: Run) -> list[Run]:
@@ -273,11 +268,12 @@ def token_heatmap_examples(run: Run, chosen: list[int]) -> list[int]:
     return chosen if per_token else []
 
 
-def norm_summaries(run: Run, texts: Texts, chosen: list[int], example_columns: int, workers: int = 1,
-                   cache: LayerCache | None = None, known: dict[tuple[int, str], np.ndarray] | None = None
-                   ) -> dict[str, Any]:
+def norm_summaries(run: Run, texts: Texts, chosen: list[int], token_examples: list[int], example_columns: int,
+                   workers: int = 1, cache: LayerCache | None = None,
+                   known: dict[tuple[int, str], np.ndarray] | None = None) -> dict[str, Any]:
     """The heatmaps' data for every norm site the run captured (see norms.site_norms), for the
-    ``chosen`` examples. ``known``: norms already computed, by (layer, site) (the neuron scan's)."""
+    ``chosen`` examples; ``token_examples``: theirs that the token x layer heatmap shows
+    (token_heatmap_examples). ``known``: norms already computed, by (layer, site) (the neuron scan's)."""
     known = known or {}
     columns = pick_examples(run, example_columns)
     sites = {}
@@ -296,7 +292,6 @@ def norm_summaries(run: Run, texts: Texts, chosen: list[int], example_columns: i
             v = diff_norms(run, other, site, chosen, columns)
             if v is not None:
                 sites[f"{site}:{run.variant}-{other.variant}"] = v
-    token_examples = token_heatmap_examples(run, chosen)
     return {"sites": sites, "token_docs": [texts.doc(e) for e in token_examples],
             "columns": np.array([texts.example(e) for e in columns], np.int64)}
 
@@ -420,7 +415,7 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
     texts.decode_ahead(np.concatenate([token_examples, *(r["spans"][:, 0] for r in (results or {}).values())]),
                        workers)
     known = {(L, site): r["norms"] for L, r in (results or {}).items() if r["norms"] is not None}
-    norms = norm_summaries(run, texts, chosen, example_columns, workers, cache, known)
+    norms = norm_summaries(run, texts, chosen, token_examples, example_columns, workers, cache, known)
     neurons = None
     if results is not None:
         neurons = neuron_summaries(texts, site, top_k, context, neurons_per_layer, output_tokens, results, unembed)
