@@ -112,12 +112,15 @@ def test_a_job_process_imports_neither_numpy_nor_torch_before_its_step():
     """What every workflow script imports (the steps and run_step) stays light: a step handed to
     the warm worker costs its job's own process only this."""
     code = ("import json, sys; from layerscope.steps import run_step, capture, store, summarize; "
-            "import layerscope; print(json.dumps(sorted({k.split('.')[0] for k in sys.modules} & "
-            "{'numpy', 'torch', 'zarr', 'transformers'}))); layerscope.Run; "
-            "print(json.dumps('numpy' in sys.modules))")
+            "import layerscope; print(json.dumps(sorted({k for k in sys.modules} & "
+            "{'numpy', 'torch', 'zarr', 'transformers', 'importlib.metadata'}))); layerscope.Run; "
+            "print(json.dumps('numpy' in sys.modules)); print(json.dumps(layerscope.__version__))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    before, after = res.stdout.strip().splitlines()
+    before, after, version = res.stdout.strip().splitlines()
     assert json.loads(before) == []
     assert json.loads(after) is True  # the reader (and numpy) load when first used
+    from importlib.metadata import version as installed
+
+    assert json.loads(version) == installed("layerscope")  # so does the version

@@ -451,6 +451,49 @@ def test_a_preload_function_runs_once_in_the_server_before_any_fork(fake, tmp_pa
     assert "layerscope.models.loading:preload" in steps.WARM_IMPORTS  # the capture's tokenizer tables
 
 
+def test_a_forked_step_runs_its_own_exit_handlers_and_finalizers_not_those_of_the_servers_imports(fake, tmp_path):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    # A module with an object finalized at interpreter exit, as torch's operator libraries are.
+    (mods / "ls_exit.py").write_text(
+        "import os, weakref\n"
+        "class Lib:\n    pass\n"
+        "LIB = Lib()\n"
+        "def _note(path):\n"
+        "    with open(path, 'a') as f:\n"
+        "        f.write(f'import finalizer {os.getpid()}\\n')\n"
+        "weakref.finalize(LIB, _note, os.environ['LS_EXIT_NOTES'])\n")
+    seen = {}
+    for mode, switch in (("worker", "1"), ("in-process", "0")):
+        notes = tmp_path / f"{mode}.txt"
+        env = fake.env(**{worker.SWITCH: switch, "LS_EXIT_NOTES": str(notes)})
+        env["PYTHONPATH"] += os.pathsep + str(mods)
+        job = fake.submit("exits", env=env, kwargs={"out": str(notes), "module": "ls_exit"}, preload=["ls_exit"])
+        assert job.wait() == 0, job.stderr
+        seen[mode] = sorted(notes.read_text().splitlines())
+    # In the warm worker the server imported the module: its object and finalizer are the server's,
+    # and the step's process ends without running it; the step's own handler and finalizer run.
+    pid = int(seen["worker"][0].split()[-1])
+    assert pid not in fake.servers()
+    assert seen["worker"] == [f"step atexit {pid}", f"step finalizer {pid}"]
+    # In a process of its own the job imported the module itself, and all three run at its exit.
+    pid = int(seen["in-process"][0].split()[-1])
+    assert seen["in-process"] == [f"import finalizer {pid}", f"step atexit {pid}", f"step finalizer {pid}"]
+
+
+def test_torchs_exit_report_is_left_out_of_a_forked_steps_exit():
+    # dynamo's compile-time report imports tabulate at every exit to log a table of no compiles.
+    code = ("import atexit, sys, torch._dynamo.utils\n"
+            "from layerscope import worker\n"
+            "if sys.argv[1] == 'spare':\n    worker._spare_exit_work()\n"
+            "atexit._run_exitfuncs()\n"
+            "print('tabulate' in sys.modules)\n")
+    out = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout.split()[-1]
+           for how in ("spare", "keep")}
+    assert out == {"spare": "False", "keep": "True"}
+
+
 def test_a_bad_idle_time_is_a_warning_and_the_step_runs_in_its_own_process(fake, tmp_path):
     out = tmp_path / "r.json"
     job = fake.submit("report", env=fake.env(**{worker.IDLE: "abc"}), kwargs={"out": str(out)})

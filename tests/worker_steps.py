@@ -99,3 +99,26 @@ def claim_gpu(out: str, release: str) -> None:
     Path(out).write_text(json.dumps({"device": device, "visible": os.environ["CUDA_VISIBLE_DEVICES"]}))
     while not os.path.exists(release):
         time.sleep(0.05)
+
+
+@warm
+def exits(out: str, module: str) -> None:
+    """Import ``module`` (as a step imports its libraries), then register an exit handler and a
+    finalizer of the step's own; each appends to ``out`` at exit."""
+    import atexit
+    import importlib
+    import weakref
+
+    importlib.import_module(module)
+
+    def note(what: str) -> None:
+        with open(out, "a") as f:
+            f.write(f"{what} {os.getpid()}\n")
+
+    class Held:
+        pass
+
+    global _HELD
+    _HELD = Held()  # alive until the interpreter exits
+    weakref.finalize(_HELD, note, "step finalizer")
+    atexit.register(note, "step atexit")

@@ -43,7 +43,7 @@ def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Run one step with its log: a LayerScopeError becomes one clear message and exit 1; any other
     error is logged with its traceback (so the log says what happened) and exits 1 too. The step
     stops, cleaning up, if the snakemake that started it dies (see watchdog.py). A ``@warm`` step
-    runs in the warm worker where it can (then this returns None), else here."""
+    runs in the warm worker where it can (then this process exits with its status), else here."""
     exit_with_parent()
     note, level = None, logging.INFO
     if worker.wanted(fn, kwargs):
@@ -53,9 +53,7 @@ def run_step(log_path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
             note = f"running in the job's own process, not in the warm worker: {e}"
             level = logging.WARNING if e.warn else logging.INFO
         else:
-            if code:
-                sys.exit(code)
-            return None
+            worker.exit_like_python(code)
     starting = worker.prestart(WARM_IMPORTS) if worker.prestarts(fn) else None
     try:
         return _run_here(log_path, fn, kwargs, note, level)

@@ -242,16 +242,17 @@ def contexts(run: Run, acts, cards: np.ndarray, examples: np.ndarray, largest: b
         x = np.atleast_2d(acts.example(e))  # the example's rows: every token, a span's, or its one row
         n_tok = int(run.offsets[e + 1] - run.offsets[e])
         at = rows.positions_of(np.arange(rows.offsets[e], rows.offsets[e + 1]))  # each row's token
-        for c, j in uses:
-            series = np.full(n_tok, np.nan, np.float32)
-            col = np.asarray(x[:, cards[c]], dtype=np.float32)
-            series[at] = np.where(np.isfinite(col), col, np.nan)
-            if acts.per_token:
-                pos = int(np.nanargmax(series) if largest else np.nanargmin(series))
-            else:
-                pos = int(at[0])
+        # one series per use (its card's neuron over the example's tokens), all uses of the example at once
+        cols = np.asarray(x[:, cards[[c for c, _ in uses]]], dtype=np.float32).T
+        series = np.full((len(uses), n_tok), np.nan, np.float32)
+        series[:, at] = np.where(np.isfinite(cols), cols, np.nan)
+        if acts.per_token:
+            peaks = np.nanargmax(series, axis=1) if largest else np.nanargmin(series, axis=1)
+        else:
+            peaks = np.full(len(uses), at[0])
+        for (c, j), s, pos in zip(uses, series, peaks.tolist()):
             a, b = max(0, pos - context), min(n_tok, pos + context + 1)
-            out[(c, j)] = {"e": e, "pos": pos, "value": float(series[pos]), "start": a, "values": series[a:b]}
+            out[(c, j)] = {"e": e, "pos": pos, "value": float(s[pos]), "start": a, "values": s[a:b]}
     return out
 
 
