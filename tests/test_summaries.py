@@ -386,6 +386,42 @@ def test_a_layer_captured_again_is_the_only_one_summarised_again(tmp_path, model
     assert not (cache / "neurons_L007_stale.json").exists()
 
 
+def test_a_summary_again_takes_the_token_texts_the_last_one_decoded(tmp_path, model_factory, monkeypatch):
+    """The token texts of the examples the last summary showed come from the cache, not the
+    tokenizer (the summary equal byte for byte); other tokens, or another tokenizer, decode afresh."""
+    import zarr
+
+    from layerscope.analysis import summaries
+    from layerscope.data import tokens
+    from layerscope.packed import pack
+    from layerscope.store.reader import Run
+
+    run_dir = small_run(tmp_path, model_factory, {L: {"sites": ["mlp_act"], "positions": "all"} for L in range(2)})
+    cache = tmp_path / "cache"
+    decoded: list[int] = []
+    real = tokens.TokenTexts.__call__
+    # examples' tokens (output tokens are single vocabulary tokens, decoded for each summary)
+    monkeypatch.setattr(tokens.TokenTexts, "__call__",
+                        lambda self, ids: (decoded.append(len(ids)) if len(ids) > 1 else None) or real(self, ids))
+    kw = dict(top_k=3, context=2, neurons_per_layer=5)
+    first = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
+    assert decoded and (cache / summaries.TEXTS_FILE).is_file()
+    decoded.clear()
+    again = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
+    assert decoded == [] and json.dumps(again) == json.dumps(first)
+
+    key, known = summaries.LayerCache(cache).texts(Run(run_dir), "another tokenizer")
+    assert known == {}
+
+    # new token ids (a data set tokenized again; the activations kept): decoded afresh, as with no cache
+    ids = zarr.open_array(str(Path(run_dir) / "activations.zarr/tokens/ids"), mode="r+")
+    ids[:] = (ids[:] + 7) % 100
+    after = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
+    assert decoded
+    fresh = pack(summaries.summarize(run_dir, **kw))
+    assert json.dumps(after) == json.dumps(fresh) and json.dumps(after) != json.dumps(first)
+
+
 def test_a_norm_site_as_dashboard_site_is_read_once(tmp_path, model_factory, monkeypatch):
     """dashboard.site resid_post: the neuron scan gives the heatmap its norms (no second pass over the
     array), equal bit for bit to the norms pass's, and to a float64 hand computation; the layer cache

@@ -45,6 +45,7 @@ _RUN: Any = None
 
 # Bump when what a layer's cached result holds, or how it is computed, changes.
 CACHE_FORMAT = 3
+TEXTS_FILE = "texts.json"  # the token texts of the examples the last summary showed (LayerCache.texts)
 
 
 def map_layers(run: Any, fn: Callable[[Any, Any], Any], layers: list[Any], workers: int, desc: str,
@@ -120,6 +121,30 @@ class LayerCache:
             if f.name not in self.used:
                 f.unlink(missing_ok=True)
 
+    def texts(self, run: Run, decoder: str) -> tuple[str, dict[int, list[str]]]:
+        """The token texts of the examples the run's last summary showed, ``{example: pieces}``,
+        with the key to save them under: valid while the run's tokens and ``decoder`` (the
+        tokenizer's identity) are what they were. Decoding is most of what a summary that computes
+        one layer again does besides that layer (1024 examples: 1.5 s in one process)."""
+        from layerscope import __version__
+
+        ids = np.ascontiguousarray(run.group["tokens/ids"][:])
+        tokens = hashlib.sha256(ids.tobytes() + np.ascontiguousarray(run.offsets, np.int64).tobytes())
+        ident = {"format": CACHE_FORMAT, "version": __version__, "kind": "texts", "decoder": decoder,
+                 "tokens": tokens.hexdigest()}
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        self.used.add(TEXTS_FILE)
+        try:
+            entry = read_json(self.dir / TEXTS_FILE)
+            value = entry["value"] if entry.get("key") == key else None
+            return key, {} if value is None else dict(zip(value["examples"], value["pieces"]))
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return key, {}
+
+    def save_texts(self, key: str, pieces: dict[int, list[str]]) -> None:
+        write_json(self.dir / TEXTS_FILE, {"key": key, "value": {"examples": list(pieces),
+                                                                 "pieces": list(pieces.values())}}, indent=None)
+
 
 def layer_results(run: Run, fn: Callable[[Any, int], Any], layers: list[int], workers: int, desc: str,
                   cache: LayerCache | None, kind: str, site: str, settings: dict[str, Any]) -> list[Any]:
@@ -175,13 +200,14 @@ def missing_neurons(run: Run, site: str) -> str | None:
 class Texts:
     """Token texts (one table of distinct strings) and docs: spans of examples as indices into it."""
 
-    def __init__(self, run: Run, decoder: Any) -> None:
+    def __init__(self, run: Run, decoder: Any, known: dict[int, list[str]] | None = None) -> None:
         from layerscope.data.tokens import TokenTexts
 
         self.run, self.pieces = run, TokenTexts(decoder)
         self.index: dict[str, int] = {}
         self.cache: dict[int, list[int]] = {}
-        self.decoded: dict[int, list[str]] = {}  # pieces decoded ahead (decode_ahead), not yet in the table
+        # pieces decoded ahead (decode_ahead) or ``known`` (an earlier summary's), not yet in the table
+        self.decoded: dict[int, list[str]] = dict(known or {})
         self.docs: dict[tuple[int, int, int], int] = {}
         self.examples: dict[int, int] = {}
 
@@ -198,6 +224,11 @@ class Texts:
 
     def text(self, s: str) -> int:
         return self.index.setdefault(s, len(self.index))
+
+    def shown(self) -> dict[int, list[str]]:
+        """The pieces of every example a doc shows, by example."""
+        texts = list(self.index)
+        return {e: [texts[i] for i in idx] for e, idx in self.cache.items()}
 
     def example(self, e: int) -> int:
         """Row of example ``e`` in the examples table."""
@@ -388,20 +419,27 @@ def summarize(run_dir: str, site: str = "mlp_act", top_k: int = 10, context: int
         note = f"No output tokens: they are defined for mlp_act neurons, not {site}."
     else:
         note = "No output tokens: dashboard.output_tokens is 0."
+    # the tokenizer's identity for the token texts' cache: the model directory's files as fetched
+    files = manifest["model"].get("files")
+    decoder_id = json.dumps([files, trust_remote_code], sort_keys=True) if files else None
     return build_summary(run, load_decoder(manifest, trust_remote_code), unembed, site=site, top_k=top_k,
                          context=context, neurons_per_layer=neurons_per_layer, heatmap_examples=heatmap_examples,
                          example_columns=example_columns, output_tokens=output_tokens, budget_mib=budget_mib,
-                         output_note=note, workers=workers, cache=LayerCache(cache_dir) if cache_dir else None)
+                         output_note=note, workers=workers, cache=LayerCache(cache_dir) if cache_dir else None,
+                         decoder_id=decoder_id)
 
 
 def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, context: int, neurons_per_layer: int,
                   heatmap_examples: int, example_columns: int, output_tokens: int, budget_mib: float,
-                  output_note: str | None = None, workers: int = 1, cache: LayerCache | None = None
-                  ) -> dict[str, Any]:
+                  output_note: str | None = None, workers: int = 1, cache: LayerCache | None = None,
+                  decoder_id: str | None = None) -> dict[str, Any]:
     """The summary of ``run`` (a Run, or anything with its interface), token texts from ``decoder``,
-    output tokens from ``unembed`` (an analysis.unembed.Unembedding, or None)."""
+    output tokens from ``unembed`` (an analysis.unembed.Unembedding, or None). With a ``cache``
+    and the decoder's identity (``decoder_id``), the token texts of examples the last summary
+    showed are taken from it."""
     md = run.metadata
-    texts = Texts(run, decoder)
+    texts_key, known = cache.texts(run, decoder_id) if cache is not None and decoder_id else (None, {})
+    texts = Texts(run, decoder, known)
     notes = {"heatmap": missing_heatmap(run, heatmap_examples), "neurons": missing_neurons(run, site)}
     for note in notes.values():
         if note:
@@ -432,6 +470,8 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
             "created": md["created"], "layerscope": md["layerscope_version"]}
     tables = texts.tables()
     log.info("summary: %d docs, %d distinct token texts", len(texts.docs), len(tables["texts"]))
+    if texts_key is not None and (shown := texts.shown()).keys() != known.keys():
+        cache.save_texts(texts_key, shown)
     # the browser keeps interpretations per run under this key (page: localStorage)
     run_key = "|".join(str(x) for x in (run.path.name, md["model_name"], meta["adapter"], md["dataset_name"]))
     return {"version": 3, "title": f"LayerScope: {run.path.name}", "meta": meta, "run_key": run_key,
