@@ -410,8 +410,7 @@ def test_a_summary_again_takes_the_token_texts_the_last_one_decoded(tmp_path, mo
     again = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
     assert decoded == [] and json.dumps(again) == json.dumps(first)
 
-    key, known = summaries.LayerCache(cache).texts(Run(run_dir), "another tokenizer")
-    assert known == {}
+    assert summaries.LayerCache(cache).texts(Run(run_dir), "another tokenizer")[1] == {}
 
     # new token ids (a data set tokenized again; the activations kept): decoded afresh, as with no cache
     ids = zarr.open_array(str(Path(run_dir) / "activations.zarr/tokens/ids"), mode="r+")

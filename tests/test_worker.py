@@ -489,7 +489,9 @@ def test_torchs_exit_report_is_left_out_of_a_forked_steps_exit():
             "atexit._run_exitfuncs()\n"
             "print('tabulate' in sys.modules)\n")
     out = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, check=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout.split()[-1]
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                   [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+                               ).stdout.split()[-1]
            for how in ("spare", "keep")}
     assert out == {"spare": "False", "keep": "True"}
 
