@@ -407,8 +407,10 @@ def test_a_summary_again_takes_the_token_texts_the_last_one_decoded(tmp_path, mo
     first = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
     assert decoded and (cache / summaries.TEXTS_FILE).is_file()
     decoded.clear()
+    written = (cache / summaries.TEXTS_FILE).stat().st_mtime_ns
     again = pack(summaries.summarize(run_dir, **kw, cache_dir=str(cache)))
     assert decoded == [] and json.dumps(again) == json.dumps(first)
+    assert (cache / summaries.TEXTS_FILE).stat().st_mtime_ns == written  # the same examples: not written again
 
     assert summaries.LayerCache(cache).texts(Run(run_dir), "another tokenizer")[1] == {}
 

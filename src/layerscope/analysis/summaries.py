@@ -94,58 +94,61 @@ class LayerCache:
         self.used: set[str] = set()
 
     def key(self, run: Run, kind: str, layer: int, site: str, settings: dict[str, Any]) -> str:
-        from layerscope import __version__
-
-        ident = {"format": CACHE_FORMAT, "version": __version__, "kind": kind, "site": site, "layer": layer,
-                 "jobs": run.capture_jobs(layer, site), "variant": run.variant,
-                 "splits": {k: list(v) for k, v in run.splits.items()}, "settings": settings}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-
-    def _path(self, kind: str, layer: int, site: str) -> Path:
-        return self.dir / f"{kind}_L{layer:03d}_{site}.json"
+        return self._digest({"kind": kind, "site": site, "layer": layer, "jobs": run.capture_jobs(layer, site),
+                             "variant": run.variant, "splits": {k: list(v) for k, v in run.splits.items()},
+                             "settings": settings})
 
     def load(self, kind: str, layer: int, site: str, key: str) -> Any:
-        path = self._path(kind, layer, site)
-        self.used.add(path.name)
-        try:
-            entry = read_json(path)
-        except (OSError, ValueError):
-            return None
-        return unpack(entry["value"]) if isinstance(entry, dict) and entry.get("key") == key else None
+        return self._read(self._name(kind, layer, site), key)
 
     def save(self, kind: str, layer: int, site: str, key: str, value: Any) -> None:
-        write_json(self._path(kind, layer, site), {"key": key, "value": pack(value)}, indent=None)
-
-    def prune(self) -> None:
-        for f in self.dir.glob("*.json"):
-            if f.name not in self.used:
-                f.unlink(missing_ok=True)
+        self._write(self._name(kind, layer, site), key, value)
 
     def texts(self, run: Run, decoder: str) -> tuple[str, dict[int, list[str]]]:
         """The token texts of the examples the run's last summary showed, ``{example: pieces}``,
         with the key to save them under: valid while the run's tokens and ``decoder`` (the
         tokenizer's identity) are what they were. Decoding is most of what a summary that computes
         one layer again does besides that layer (1024 examples: 1.5 s in one process)."""
-        from layerscope import __version__
-
         tokens = hashlib.sha256(np.ascontiguousarray(run.offsets, np.int64).tobytes())
         ids = run.group["tokens/ids"]
         for a in range(0, ids.shape[0], 1 << 24):  # 64 MiB at a time, whatever the run's size
             tokens.update(np.ascontiguousarray(ids[a:a + (1 << 24)]).tobytes())
-        ident = {"format": CACHE_FORMAT, "version": __version__, "kind": "texts", "decoder": decoder,
-                 "tokens": tokens.hexdigest()}
-        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        self.used.add(TEXTS_FILE)
+        key = self._digest({"kind": "texts", "decoder": decoder, "tokens": tokens.hexdigest()})
+        value = self._read(TEXTS_FILE, key)
         try:
-            entry = read_json(self.dir / TEXTS_FILE)
-            value = entry["value"] if entry.get("key") == key else None
             return key, {} if value is None else dict(zip(value["examples"], value["pieces"]))
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        except (KeyError, TypeError):  # an entry of another shape: none
             return key, {}
 
     def save_texts(self, key: str, pieces: dict[int, list[str]]) -> None:
-        write_json(self.dir / TEXTS_FILE, {"key": key, "value": {"examples": list(pieces),
-                                                                 "pieces": list(pieces.values())}}, indent=None)
+        self._write(TEXTS_FILE, key, {"examples": list(pieces), "pieces": list(pieces.values())})
+
+    def prune(self) -> None:
+        for f in self.dir.glob("*.json"):
+            if f.name not in self.used:
+                f.unlink(missing_ok=True)
+
+    @staticmethod
+    def _digest(ident: dict[str, Any]) -> str:
+        from layerscope import __version__
+
+        ident = {"format": CACHE_FORMAT, "version": __version__, **ident}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+    @staticmethod
+    def _name(kind: str, layer: int, site: str) -> str:
+        return f"{kind}_L{layer:03d}_{site}.json"
+
+    def _read(self, name: str, key: str) -> Any:
+        self.used.add(name)
+        try:
+            entry = read_json(self.dir / name)
+        except (OSError, ValueError):
+            return None
+        return unpack(entry["value"]) if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def _write(self, name: str, key: str, value: Any) -> None:
+        write_json(self.dir / name, {"key": key, "value": pack(value)}, indent=None)
 
 
 def layer_results(run: Run, fn: Callable[[Any, int], Any], layers: list[int], workers: int, desc: str,
@@ -202,14 +205,14 @@ def missing_neurons(run: Run, site: str) -> str | None:
 class Texts:
     """Token texts (one table of distinct strings) and docs: spans of examples as indices into it."""
 
-    def __init__(self, run: Run, decoder: Any, known: dict[int, list[str]] | None = None) -> None:
+    def __init__(self, run: Run, decoder: Any, cached: dict[int, list[str]] | None = None) -> None:
         from layerscope.data.tokens import TokenTexts
 
         self.run, self.pieces = run, TokenTexts(decoder)
         self.index: dict[str, int] = {}
         self.cache: dict[int, list[int]] = {}
-        # pieces decoded ahead (decode_ahead) or ``known`` (an earlier summary's), not yet in the table
-        self.decoded: dict[int, list[str]] = dict(known or {})
+        # pieces decoded ahead (decode_ahead) or ``cached`` (an earlier summary's), not yet in the table
+        self.decoded: dict[int, list[str]] = dict(cached or {})
         self.docs: dict[tuple[int, int, int], int] = {}
         self.examples: dict[int, int] = {}
 
@@ -440,8 +443,8 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
     and the decoder's identity (``decoder_id``), the token texts of examples the last summary
     showed are taken from it."""
     md = run.metadata
-    texts_key, known = cache.texts(run, decoder_id) if cache is not None and decoder_id else (None, {})
-    texts = Texts(run, decoder, known)
+    texts_key, cached_texts = cache.texts(run, decoder_id) if cache is not None and decoder_id else (None, {})
+    texts = Texts(run, decoder, cached_texts)
     notes = {"heatmap": missing_heatmap(run, heatmap_examples), "neurons": missing_neurons(run, site)}
     for note in notes.values():
         if note:
@@ -472,7 +475,7 @@ def build_summary(run: Run, decoder: Any, unembed: Any, site: str, top_k: int, c
             "created": md["created"], "layerscope": md["layerscope_version"]}
     tables = texts.tables()
     log.info("summary: %d docs, %d distinct token texts", len(texts.docs), len(tables["texts"]))
-    if texts_key is not None and (shown := texts.shown()).keys() != known.keys():
+    if texts_key is not None and (shown := texts.shown()).keys() != cached_texts.keys():
         cache.save_texts(texts_key, shown)
     # the browser keeps interpretations per run under this key (page: localStorage)
     run_key = "|".join(str(x) for x in (run.path.name, md["model_name"], meta["adapter"], md["dataset_name"]))
