@@ -1,7 +1,8 @@
 # LayerScope: capture per-layer activations of a causal language model into a sharded Zarr v3 store.
 #
 #   fetch_model -> fetch_adapter -> prepare_dataset -> capture (layer block x part, each part's
-#   blocks chained by the residual stream) -> store -> metadata -> summarize -> dashboard
+#   blocks chained by the residual stream) -> store and metadata (side by side) -> summarize
+#   -> dashboard
 #
 # The config is validated against workflow/schemas/config.schema.yaml before any job runs, and
 # every key it leaves out takes the schema's documented default.

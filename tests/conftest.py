@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -101,8 +102,8 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, tim
                           env={**os.environ, **(env or {})}, cwd=workdir)
 
 
-def planned_jobs(workdir: Path, configfile: Path | None = None) -> list[tuple[str, tuple]]:
-    """The jobs a dry run plans, as (rule, wildcards) pairs, through the Snakemake API."""
+def _dry_run(workdir: Path, configfile: Path | None, read: Callable[[Any], Any]) -> Any:
+    """``read`` of the DAG a dry run plans, through the Snakemake API."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings,
                                           StorageSettings)
@@ -115,10 +116,28 @@ def planned_jobs(workdir: Path, configfile: Path | None = None) -> list[tuple[st
                               storage_settings=StorageSettings(), snakefile=REPO / "Snakefile", workdir=workdir)
             dag = wf.dag(DAGSettings())
             dag.execute_workflow(executor="dryrun")
-            jobs = wf._workflow.dag.needrun_jobs(exclude_finished=False)
-            return sorted((j.rule.name, tuple(sorted(j.wildcards_dict.items()))) for j in jobs)
+            return read(wf._workflow.dag)
     finally:
         os.chdir(cwd)
+
+
+def planned_jobs(workdir: Path, configfile: Path | None = None) -> list[tuple[str, tuple]]:
+    """The jobs a dry run plans, as (rule, wildcards) pairs."""
+    return _dry_run(workdir, configfile, lambda dag: sorted((j.rule.name, tuple(sorted(j.wildcards_dict.items())))
+                                                            for j in dag.needrun_jobs(exclude_finished=False)))
+
+
+def planned_dependencies(workdir: Path, configfile: Path | None = None) -> dict[str, set[str]]:
+    """Each job a dry run plans (``rule`` or ``rule:part``) -> the planned jobs it waits for."""
+    def name(job) -> str:
+        part = job.wildcards_dict.get("part")
+        return job.rule.name if part is None else f"{job.rule.name}:{part}"
+
+    def read(dag) -> dict[str, set[str]]:
+        jobs = set(dag.needrun_jobs(exclude_finished=False))
+        return {name(j): {name(d) for d in dag.dependencies[j] if d in jobs} for j in jobs}
+
+    return _dry_run(workdir, configfile, read)
 
 
 @pytest.fixture(autouse=True)

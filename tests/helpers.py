@@ -69,6 +69,14 @@ def capture_store(tmp: Path, manifest: dict, params: dict, dataset_dir: Path, na
     return root
 
 
+def store_records(root: Path) -> dict[str, dict[str, Any]]:
+    """The arrays' records for metadata.json of a store captured by capture_store (its markers as
+    the workflow lists them, found on disk)."""
+    from layerscope.store.layout import array_records
+
+    return array_records(root, sorted(Path(root).glob("layer_*/*/parts/*.json")))
+
+
 def reference(manifest: dict, dataset_dir: Path) -> dict[tuple[int, str], list[np.ndarray]]:
     """Per example, run alone and unpadded: hidden states from output_hidden_states, and the other
     sites from plain hooks; returns {(layer, site): [per-example [tokens, width] float32 arrays]}."""

@@ -42,7 +42,7 @@ def pass_run(tmp_path_factory, which: str) -> Path:
         path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
         targets = [f"results/{run}/{p}/metadata.json" for p in cfg["passes"]]
         if which == "base":
-            targets.append(f"results/{run}/metadata.json")
+            targets += ["store", "metadata"]  # a finished run: metadata.json is written beside the store
         res = run_snakemake(wd, "--cores", "2", *targets, configfile=path)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         _made[which] = wd / "results" / run

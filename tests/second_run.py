@@ -36,7 +36,7 @@ def second_run(tmp_path_factory) -> Path:
                            "parts": 1, "batch_size": 5, "padding_side": "left"}}
         path = wd / "other.yaml"
         path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        res = run_snakemake(wd, "--cores", "2", "results/other/metadata.json", configfile=path)
+        res = run_snakemake(wd, "--cores", "2", "store", "metadata", configfile=path)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         _made["other"] = wd / "results/other"
     return _made["other"]

@@ -101,6 +101,21 @@ def test_finished_run_opens_without_warnings(demo):
         layerscope.open(demo / "results/demo")
 
 
+def test_open_refuses_metadata_and_store_that_disagree(run_copy):
+    """metadata.json is written beside the store's finalization, not after it: a run where either
+    is left from an earlier config (the other job killed) is refused, whichever is the older."""
+    md = json.loads((run_copy / "metadata.json").read_text())
+    arrays = md["arrays"]
+    first = next(iter(arrays))
+    for changed in ({**arrays, "layer_09/resid_post": arrays[first]},  # metadata newer: an array added
+                    {k: v for k, v in arrays.items() if k != first}):  # the store newer
+        (run_copy / "metadata.json").write_text(json.dumps({**md, "arrays": changed}))
+        with pytest.raises(IncompleteRunError, match="metadata.json and activations.zarr list different arrays"):
+            layerscope.open(run_copy)
+    (run_copy / "metadata.json").write_text(json.dumps(md))
+    assert layerscope.open(run_copy).layers == sorted({v["layer"] for v in arrays.values()})
+
+
 def test_open_run_refuses_reads_while_an_array_is_rewritten(run_copy):
     run = layerscope.open(run_copy)
     acts = run.activations(1, "resid_post")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, planned_jobs, run_snakemake
+from tests.conftest import REPO, planned_dependencies, planned_jobs, run_snakemake
 
 DEFAULT = yaml.safe_load((REPO / "config/config.yaml").read_text())
 DOWN = ["store", "metadata", "summarize", "dashboard", "all"]
@@ -164,6 +164,16 @@ def test_a_stale_group_reads_its_boundary(scratch):
 
     fresh = json.loads(json.dumps(pack(summarize(str(scratch / "results/demo"), **cfg["dashboard"]))))
     assert json.loads((scratch / "results/demo/summaries/summary.json").read_text()) == fresh
+
+
+def test_metadata_does_not_wait_for_the_store(demo, tmp_path):
+    """metadata.json comes from the capture jobs' markers, so it is written beside the store's
+    finalization; what reads the run (summarize) waits for both."""
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(with_change("capture.overrides", {"3": {"positions": "last"}})))
+    deps = planned_dependencies(demo, configfile=path)
+    assert deps["metadata"] == deps["store"] == set(UPPER)
+    assert deps["summarize"] == {"store", "metadata"} and deps["dashboard"] == {"summarize"}
 
 
 def test_deleting_a_boundary_recreates_it(scratch):

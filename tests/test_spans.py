@@ -17,7 +17,7 @@ import layerscope
 from layerscope.errors import ConfigError, LayerScopeError
 from layerscope.store.rows import array_rows, row_dim, span_tokens
 from tests.conftest import REPO, copy_inputs, run_snakemake, write_jsonl
-from tests.helpers import capture_store, make_params, reference
+from tests.helpers import capture_store, make_params, reference, store_records
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -63,7 +63,7 @@ def make_run(root: Path, manifest: dict, ds: Path, layers: dict, **params) -> Pa
     config = {"model": {"dtype": "float32"}, "dataset": {"name": "chats", "max_length": 64},
               "capture": {"batch_size": p["batch_size"], "dtype": p["dtype"], "parts": p["parts"],
                           "padding_side": p["padding_side"], "layers_per_job": 2}}
-    write_metadata(config, manifest, str(ds / "examples.jsonl"), str(root / "activations.zarr"),
+    write_metadata(config, manifest, str(ds / "examples.jsonl"), store_records(root / "activations.zarr"),
                    str(root / "metadata.json"), str(root / "run_config.json"))
     return root
 
@@ -457,7 +457,7 @@ def test_workflow_captures_spans_end_to_end(tmp_path):
     # the same config at every position: its rows at the spans are the span run's rows
     cfg2 = {**cfg, "run": "every", "capture": {**cfg["capture"], "positions": "all", "overrides": {}}}
     path.write_text(yaml.safe_dump(cfg2))
-    res = run_snakemake(wd, "--cores", "2", "results/every/metadata.json", configfile=path)
+    res = run_snakemake(wd, "--cores", "2", "store", "metadata", configfile=path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     every = layerscope.open(wd / "results/every")
     for L, pos in ((0, "response"), (1, "role:user")):

@@ -17,7 +17,7 @@ from layerscope.store.shards import ShardFile, ShardMap, chunk_encoder
 from layerscope.errors import IncompleteRunError
 from layerscope.store.layout import array_metadata, check_complete, make_layout
 from layerscope.store.writer import ShardWriter
-from tests.helpers import capture_store, make_params, prepare_texts
+from tests.helpers import capture_store, make_params, prepare_texts, store_records
 
 
 @pytest.mark.parametrize("rows,width,parts,chunk_mib,shard_mib", [
@@ -242,6 +242,7 @@ def test_out_of_range_values_are_counted(tmp_path, model_factory, dtype, caplog)
     marker = json.loads(marker_path(root, 0, "resid_post", 0, "all").read_text())
     counts = dict(zarr.open_group(str(root), mode="r").attrs)["layerscope"]["nonfinite"]["layer_00/resid_post"]
     stored = zarr.open_array(str(root / "layer_00/resid_post"), mode="r")[:]
+    assert {k: store_records(root)["layer_00/resid_post"][k] for k in counts} == counts  # metadata.json's
     if dtype == "float16":
         n_inf = int(np.isinf(stored).sum())
         assert n_inf > 0 and marker["nonfinite"] == marker["clipped"] == n_inf == counts["nonfinite"]
@@ -249,6 +250,28 @@ def test_out_of_range_values_are_counted(tmp_path, model_factory, dtype, caplog)
     else:
         assert marker["nonfinite"] == marker["clipped"] == 0 == counts["clipped"]
         assert "NaN or inf" not in caplog.text
+
+
+def test_array_records_are_what_the_finished_store_says(tmp_path, model_factory):
+    """metadata.json's records come from the markers and the arrays' zarr.json, before the store is
+    finalized: equal to what the finalized store's consolidated metadata says of each array."""
+    manifest = {"model": model_factory("llama-tiny"), "adapter": None}
+    ds = prepare_texts(tmp_path, manifest["model"])
+    params = make_params({0: {"sites": ["resid_post", "mlp_out"], "positions": "all"},
+                          2: {"sites": ["mlp_act"], "positions": "last"}}, dtype="bfloat16", parts=2, chunk_mib=0.01)
+    root = capture_store(tmp_path, manifest, params, ds, layers_per_job=1)
+    got = store_records(root)
+    g = zarr.open_group(str(root), mode="r", zarr_format=3, use_consolidated=True)
+    info = dict(g.attrs)["layerscope"]
+    assert list(got) == info["arrays"] == ["layer_00/mlp_out", "layer_00/resid_post", "layer_02/mlp_act"]
+    for path in info["arrays"]:
+        arr = g[path]
+        at = dict(arr.attrs)
+        assert got[path] == {"layer": at["layer"], "site": at["site"], "positions": at["positions"],
+                             "shape": list(arr.shape), "dimension_names": list(arr.metadata.dimension_names),
+                             "dtype": "bfloat16", "storage_dtype": "uint16", "layout": at["layout"],
+                             **info["nonfinite"][path]}
+    assert got["layer_02/mlp_act"]["positions"] == "last" and got["layer_00/mlp_out"]["layout"]["parts"] == 2
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])

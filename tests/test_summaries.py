@@ -190,7 +190,7 @@ def small_run(tmp_path, model_factory, layers: dict, texts=None) -> str:
     import shutil
 
     from layerscope.data.metadata import write_metadata
-    from tests.helpers import TEXTS, capture_store, make_params, prepare_texts
+    from tests.helpers import TEXTS, capture_store, make_params, prepare_texts, store_records
 
     manifest = {"model": model_factory("llama-tiny"), "adapter": None}
     ds = prepare_texts(tmp_path, manifest["model"], texts or TEXTS)
@@ -206,7 +206,7 @@ def small_run(tmp_path, model_factory, layers: dict, texts=None) -> str:
               "capture": {"batch_size": 3, "dtype": "float16", "parts": 1, "padding_side": "right",
                           "layers_per_job": 2}}
     write_metadata(config, manifest, str(ds / "examples.jsonl"),
-                   str(run / "activations.zarr"), str(run / "metadata.json"), str(run / "run_config.json"))
+                   store_records(run / "activations.zarr"), str(run / "metadata.json"), str(run / "run_config.json"))
     return str(run)
 
 

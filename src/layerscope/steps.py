@@ -167,13 +167,15 @@ def answer_pass(manifest: str, adapter: str, prompts_dir: str, out_dir: str, ans
 
 
 @warm(start=False)
-def pass_metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, answers: str,
-                  metadata_out: str, run_metadata_out: str, run_config_out: str) -> None:
+def pass_metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, markers: list[str],
+                  answers: str, metadata_out: str, run_metadata_out: str, run_config_out: str) -> None:
     """A pass's per-question ``metadata.json`` (seed 004's list), once its store is finished, and
     the run-level metadata of its store beside it."""
     from layerscope.data.metadata import write_metadata
+    from layerscope.store.layout import array_records
 
-    write_metadata(config, load_manifest(manifest, adapter), examples, store, run_metadata_out, run_config_out)
+    write_metadata(config, load_manifest(manifest, adapter), examples, array_records(store, markers),
+                   run_metadata_out, run_config_out)
     write_json(metadata_out, read_json(answers))
 
 
@@ -295,11 +297,15 @@ def store(store: str, arrays: list, parts: int, dataset_dir: str, run: str, vari
 
 
 @warm(start=False)
-def metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, metadata_out: str,
-             run_config_out: str) -> None:
+def metadata(config: dict, manifest: str, adapter: str, examples: str, store: str, markers: list[str],
+             metadata_out: str, run_config_out: str) -> None:
+    """The run's ``metadata.json``, from the capture jobs' markers: written while the store is
+    finalized, not after it."""
     from layerscope.data.metadata import write_metadata
+    from layerscope.store.layout import array_records
 
-    write_metadata(config, load_manifest(manifest, adapter), examples, store, metadata_out, run_config_out)
+    write_metadata(config, load_manifest(manifest, adapter), examples, array_records(store, markers),
+                   metadata_out, run_config_out)
 
 
 @warm(start=False)

@@ -131,6 +131,12 @@ def variant_stores(wildcards=None):
     return [f"{store_of(v)}/zarr.json" for v in PLAN.extra_variants]
 
 
+def finished_run(wildcards=None):
+    """What a reader of the run (layerscope.Run) needs: metadata.json and every store it describes.
+    metadata.json is written beside the stores' finalization, so it alone is not enough."""
+    return {"metadata": f"{RESULTS}/metadata.json", "stores": [f"{STORE}/zarr.json", *variant_stores()]}
+
+
 def missing_boundaries(wildcards):
     """Kept boundaries not on disk, for the same reason: a deleted one is made again."""
     if config["capture"]["boundaries"] != "keep":
@@ -246,7 +252,7 @@ def vector_inputs(wildcards):
     spec = config["steering"]["vectors"][wildcards.concept]
     if "file" in spec:
         return {"file": spec["file"]}
-    return {"metadata": f"{RESULTS}/metadata.json", "store": f"{STORE}/zarr.json"}
+    return finished_run()
 
 
 def steering_summaries(wildcards=None):

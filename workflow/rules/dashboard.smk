@@ -1,6 +1,6 @@
 rule summarize:
     input:
-        metadata=f"{RESULTS}/metadata.json",
+        unpack(finished_run),
     output:
         summary=f"{RESULTS}/summaries/summary.json",
     params:

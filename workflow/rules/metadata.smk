@@ -1,7 +1,8 @@
+# Beside the store's finalization, not after it: the arrays' records come from the capture jobs'
+# markers and zarr.json files, so metadata.json is no sign that the store is finished (finished_run).
 rule metadata:
     input:
-        store=f"{STORE}/zarr.json",
-        variants=variant_stores,
+        markers=all_markers,
         manifest=MANIFEST,
         adapter=ADAPTER,
         examples=f"{DATASET}/examples.jsonl",
@@ -10,7 +11,7 @@ rule metadata:
         run_config=f"{RESULTS}/run_config.json",
     params:
         config=PLAN.recorded_config(),
-        store=lambda w, input: os.path.dirname(input.store),
+        store=STORE,
     log:
         f"logs/{RUN}/metadata.log",
     resources:

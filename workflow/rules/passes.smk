@@ -124,6 +124,7 @@ rule store_pass:
 rule pass_metadata:
     input:
         store=f"{RESULTS}/{{passname}}/activations.zarr/zarr.json",
+        markers=lambda w: pass_markers(w.passname),
         answers=f"{RESULTS}/{{passname}}/answers.json",
         manifest=MANIFEST,
         adapter=ADAPTER,

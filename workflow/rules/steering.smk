@@ -60,8 +60,8 @@ apply_capture_overrides([f"steer_{b.name}" for b in PLAN.blocks])
 
 rule steering_summary:
     input:
+        unpack(finished_run),
         store=f"{RESULTS}/activations.steer-{{target}}.zarr/zarr.json",
-        metadata=f"{RESULTS}/metadata.json",
         vector=lambda w: f"{RESULTS}/steering/vectors/{PLAN.target(w.target).concept}.npy",
     output:
         summary=f"{RESULTS}/steering/{{target}}/summary.json",
@@ -104,8 +104,8 @@ rule steering_generate:
 
 rule steering_page:
     input:
+        unpack(finished_run),
         summary=f"{RESULTS}/steering/{{target}}/summary.json",
-        metadata=f"{RESULTS}/metadata.json",
     output:
         page=f"{RESULTS}/steering/{{target}}/index.html",
     params:

@@ -11,7 +11,7 @@ from layerscope.fileio import write_json
 
 
 def build_metadata(config: dict[str, Any], manifest: dict[str, Any], examples: list[dict[str, Any]],
-                   store_attrs: dict[str, Any], arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                   arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything a reader needs to interpret the store, without opening it."""
     m, a, cap = manifest["model"], manifest.get("adapter"), config["capture"]
     splits: dict[str, dict[str, int]] = {}
@@ -64,22 +64,11 @@ def build_metadata(config: dict[str, Any], manifest: dict[str, Any], examples: l
     }
 
 
-def write_metadata(config: dict[str, Any], manifest: dict[str, Any], examples_path: str, store_root: str,
-                   metadata_out: str, run_config_out: str) -> dict[str, Any]:
-    import zarr
-
-    g = zarr.open_group(store_root, mode="r", zarr_format=3, use_consolidated=True)
-    attrs = dict(g.attrs)["layerscope"]
-    arrays = {}
-    for path in attrs["arrays"]:
-        arr = g[path]
-        at = dict(arr.attrs)
-        arrays[path] = {"layer": at["layer"], "site": at["site"], "positions": at["positions"],
-                        "shape": list(arr.shape), "dimension_names": list(arr.metadata.dimension_names),
-                        "dtype": at["dtype"], "storage_dtype": at["storage_dtype"], "layout": at["layout"],
-                        # values stored as NaN/inf, and those out of the storage dtype's range
-                        **attrs.get("nonfinite", {}).get(path, {"nonfinite": 0, "clipped": 0})}
-    meta = build_metadata(config, manifest, load_examples(examples_path), attrs, arrays)
+def write_metadata(config: dict[str, Any], manifest: dict[str, Any], examples_path: str,
+                   arrays: dict[str, dict[str, Any]], metadata_out: str, run_config_out: str) -> dict[str, Any]:
+    """Write ``metadata.json`` and ``run_config.json``; ``arrays``: each array's record
+    (store.layout.array_records)."""
+    meta = build_metadata(config, manifest, load_examples(examples_path), arrays)
     write_json(run_config_out, {"config": config, "manifest": {k: {kk: vv for kk, vv in v.items() if kk != "files"}
                                                                if isinstance(v, dict) else v
                                                                for k, v in manifest.items()},

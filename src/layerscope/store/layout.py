@@ -165,6 +165,31 @@ def write_marker(root: Path, layer: int, site: str, part: int, positions: str, i
     return job
 
 
+def marker_counts(markers: list[dict[str, Any]]) -> dict[str, int]:
+    """An array's values stored as NaN/inf and those out of the storage dtype's range, summed over
+    its parts' markers."""
+    return {k: sum(m.get(k, 0) for m in markers) for k in ("nonfinite", "clipped")}
+
+
+def array_records(root: str | os.PathLike, markers: list[str | os.PathLike]) -> dict[str, dict[str, Any]]:
+    """Each array's record in metadata.json, from its parts' completion markers and the zarr.json
+    its capture jobs wrote: what finalize rolls up, read without waiting for it."""
+    root = Path(root)
+    found: dict[str, list[dict[str, Any]]] = {}
+    for m in markers:
+        layer, site, _ = parse_marker(m)
+        found.setdefault(array_path(layer, site), []).append(read_json(m))
+    records = {}
+    for apath in sorted(found):
+        meta = read_json(root / apath / "zarr.json")
+        at = meta["attributes"]
+        records[apath] = {"layer": at["layer"], "site": at["site"], "positions": at["positions"],
+                          "shape": meta["shape"], "dimension_names": meta["dimension_names"], "dtype": at["dtype"],
+                          "storage_dtype": at["storage_dtype"], "layout": at["layout"],
+                          **marker_counts(found[apath])}
+    return records
+
+
 def finalize(root: str | os.PathLike, arrays: list[tuple[int, str, str]], parts: int, token_ids: np.ndarray,
              offsets: np.ndarray, attrs: dict[str, Any], examples: list[dict[str, Any]] | None = None
              ) -> dict[str, Any]:
@@ -206,7 +231,7 @@ def finalize(root: str | os.PathLike, arrays: list[tuple[int, str, str]], parts:
             shutil.rmtree(d)
     counts = {}
     for apath, found in markers.items():
-        c = {k: sum(m.get(k, 0) for m in found) for k in ("nonfinite", "clipped")}
+        c = marker_counts(found)
         counts[apath] = c
         if c["nonfinite"]:
             log.warning("%s: %d values stored as NaN or inf (%d out of the storage dtype's range)", apath,

@@ -274,6 +274,10 @@ class Run:
 
         check_complete(self.store_path, dict(self.group.attrs))
         self._info = dict(self.group.attrs)["layerscope"]
+        # metadata.json is written beside the store's finalization: either may be the older one
+        if self.variant == next(iter(self.variants)) and sorted(md["arrays"]) != self._info["arrays"]:
+            raise IncompleteRunError(f"{self.path}: metadata.json and {stores[self.variant]} list different "
+                                     "arrays; the workflow has not finished this run (run snakemake)")
         self._markers: dict[str, PartMarkers] = {}
         self._rows: dict[str, RowMap] = {}
         self.offsets: np.ndarray = self.group["tokens/offsets"][:]
